@@ -1,0 +1,40 @@
+"""deform_attn: a correct, fast, tested 1D deformable attention layer.
+
+The modules follow the order in which the book builds the layer: sampling, geometry, offsets,
+position_bias, attention.
+"""
+
+from .attention import POSITION_BIASES, DeformableAttention1D, from_lucidrains
+from .geometry import (
+    GEOMETRIES,
+    normalize_positions,
+    num_cells,
+    query_key_distances,
+    reference_points,
+    sample_positions,
+    unnormalize_positions,
+)
+from .offsets import OffsetNetwork
+from .position_bias import ContinuousPositionBias, piecewise_linear_table, signed_log_distance
+from .sampling import linear_sample_1d, linear_sample_1d_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeformableAttention1D",
+    "from_lucidrains",
+    "ContinuousPositionBias",
+    "OffsetNetwork",
+    "linear_sample_1d",
+    "linear_sample_1d_reference",
+    "piecewise_linear_table",
+    "signed_log_distance",
+    "normalize_positions",
+    "unnormalize_positions",
+    "num_cells",
+    "reference_points",
+    "sample_positions",
+    "query_key_distances",
+    "GEOMETRIES",
+    "POSITION_BIASES",
+]

@@ -1,0 +1,140 @@
+"""Coordinate geometry: reference points, sample positions and normalization conventions.
+
+Three units appear in this package:
+
+* **tokens**: index units of the input sequence; token ``j`` sits at ``j``.
+* **cells**: units of the downsampled grid; one cell is ``downsample_factor`` tokens in the
+  centred geometry. Offsets are always in cells, so ``offset_scale`` is a number of cells.
+* **normalized**: ``grid_sample``'s ``[-1, 1]``. With ``align_corners=True`` the first and last
+  tokens sit at -1 and +1; with ``align_corners=False`` the outer *edges* of the first and last
+  tokens do (token centres at ``-1 + 1/n`` and ``1 - 1/n``).
+
+Two geometries place the downsampled keys:
+
+``"centered"`` (this package's default)
+    Cell ``k`` is the window of tokens ``[k r, (k + 1) r)`` and its reference point is the window's
+    centre, ``k r + (r - 1) / 2`` tokens, which is also the centre of the strided offset
+    convolution's receptive field. An offset of ``o`` cells moves it by ``o r`` tokens. Zero
+    offsets sample exactly the window centres. The position bias sees distances in cells, which
+    do not depend on the sequence length.
+
+``"lucidrains"`` (what ``deformable-attention`` 0.0.20 computes)
+    Cell positions ``k + o`` are normalized over the ``m`` cells as if ``align_corners=True``
+    (``2 (k + o) / (m - 1) - 1``) but sampled with ``align_corners=False``, so cell ``k`` lands on
+    token ``k n / (m - 1) - 1/2``: the first and last reference points sit half a token outside the
+    sequence and one cell is ``n / (m - 1)`` tokens, not ``r``. The position bias sees the query
+    normalized over ``n`` and the key normalized over ``m``, both in ``[-1, 1]``, so its distances
+    change with the sequence length.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GEOMETRIES",
+    "Geometry",
+    "normalize_positions",
+    "unnormalize_positions",
+    "num_cells",
+    "reference_points",
+    "sample_positions",
+    "query_key_distances",
+]
+
+Geometry = Literal["centered", "lucidrains"]
+GEOMETRIES: tuple[str, ...] = ("centered", "lucidrains")
+
+
+def normalize_positions(positions: Tensor, length: int, *, align_corners: bool) -> Tensor:
+    """Token index positions -> ``grid_sample``'s normalized ``[-1, 1]`` coordinates."""
+    if align_corners:
+        return 2.0 * positions / max(length - 1, 1) - 1.0
+    return (2.0 * positions + 1.0) / length - 1.0
+
+
+def unnormalize_positions(coordinates: Tensor, length: int, *, align_corners: bool) -> Tensor:
+    """Normalized ``[-1, 1]`` coordinates -> token index positions (``grid_sample``'s rule)."""
+    if align_corners:
+        return (coordinates + 1.0) / 2.0 * (length - 1)
+    return ((coordinates + 1.0) * length - 1.0) / 2.0
+
+
+def num_cells(length: int, downsample_factor: int) -> int:
+    """Number of downsampled cells (keys) for ``length`` tokens.
+
+    Equal to the output length of the offset network's strided convolution (kernel ``k``,
+    stride ``r``, padding ``(k - r) / 2``): ``floor(length / r)``.
+    """
+    return length // downsample_factor
+
+
+def reference_points(
+    length: int, downsample_factor: int, *, geometry: Geometry = "centered", device=None, dtype=None
+) -> Tensor:
+    """Where each cell samples when its offset is zero, in **tokens**; shape (cells,)."""
+    zero_offsets = torch.zeros(num_cells(length, downsample_factor), device=device, dtype=dtype or torch.float32)
+    return sample_positions(zero_offsets, length, downsample_factor, geometry=geometry)
+
+
+def sample_positions(
+    offsets_in_cells: Tensor, length: int, downsample_factor: int, *, geometry: Geometry = "centered"
+) -> Tensor:
+    """Sample positions in **tokens** for offsets given in cells.
+
+    Args:
+        offsets_in_cells: (..., cells) offset of each cell, in cells.
+        length: number of tokens ``n`` of the sequence being sampled.
+        downsample_factor: ``r``, tokens per cell in the centred geometry.
+        geometry: ``"centered"`` or ``"lucidrains"`` (see the module docstring).
+
+    Returns:
+        (..., cells) positions in token index units, ready for :func:`linear_sample_1d`.
+    """
+    cells = offsets_in_cells.shape[-1]
+    k = torch.arange(cells, device=offsets_in_cells.device, dtype=offsets_in_cells.dtype)
+    shifted_cells = k + offsets_in_cells
+    if geometry == "centered":
+        return shifted_cells * downsample_factor + (downsample_factor - 1) / 2
+    if geometry == "lucidrains":
+        normalized = normalize_positions(shifted_cells, cells, align_corners=True)
+        return unnormalize_positions(normalized, length, align_corners=False)
+    raise ValueError(f"geometry: expected one of {GEOMETRIES}, got {geometry!r}")
+
+
+def query_key_distances(
+    query_positions: Tensor,
+    offsets_in_cells: Tensor,
+    length: int,
+    downsample_factor: int,
+    *,
+    geometry: Geometry = "centered",
+) -> Tensor:
+    """Signed distance from each query to each sampled key, as the position bias sees it.
+
+    Args:
+        query_positions: (queries,) query token indices (a contiguous chunk of ``arange(n)``).
+        offsets_in_cells: (batch, cells) offsets of the keys, in cells.
+        length: number of tokens ``n``.
+        downsample_factor: ``r``.
+        geometry: ``"centered"``: (query token - key token) / r, in cells. ``"lucidrains"``:
+            query normalized over ``n`` minus key cell normalized over ``m``, both with
+            ``align_corners=True``.
+
+    Returns:
+        (batch, queries, cells) distances.
+    """
+    query_positions = query_positions.to(offsets_in_cells.dtype)
+    if geometry == "centered":
+        keys = sample_positions(offsets_in_cells, length, downsample_factor, geometry="centered")
+        return (query_positions[None, :, None] - keys[:, None, :]) / downsample_factor
+    if geometry == "lucidrains":
+        cells = offsets_in_cells.shape[-1]
+        k = torch.arange(cells, device=offsets_in_cells.device, dtype=offsets_in_cells.dtype)
+        keys = normalize_positions(k + offsets_in_cells, cells, align_corners=True)
+        queries = normalize_positions(query_positions, length, align_corners=True)
+        return queries[None, :, None] - keys[:, None, :]
+    raise ValueError(f"geometry: expected one of {GEOMETRIES}, got {geometry!r}")

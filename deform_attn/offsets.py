@@ -1,0 +1,84 @@
+"""The offset network: where each group of heads should sample its keys.
+
+A depthwise strided convolution looks at the queries of one offset group (kernel ``k``, stride
+``r``, padding ``(k - r) / 2``, so cell ``c`` sees tokens centred on its window centre), GELU, a
+pointwise convolution to one scalar per cell, then ``tanh`` and a scale: offsets lie in
+``(-offset_scale, offset_scale)`` cells.
+
+Options from DAT++: a LayerNorm over channels after the depthwise convolution, and unbounded
+offsets (no ``tanh``; the scale still multiplies).
+
+Axis letters: b batch, g offset groups, d channels per group, n tokens, m cells.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["OffsetNetwork"]
+
+
+class _ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a (batch, channels, length) tensor."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
+class OffsetNetwork(nn.Module):
+    """Queries of one offset group -> one offset per downsampled cell, in cells.
+
+    Args:
+        channels: channels of one offset group's queries (``heads * dim_head / offset_groups``).
+        downsample_factor: ``r``, the convolution's stride (tokens per cell).
+        kernel_size: ``k`` >= ``r`` with ``k - r`` even, so the padding ``(k - r) / 2`` is whole.
+        offset_scale: offsets are ``tanh(.) * offset_scale`` cells (or ``. * offset_scale``
+            when unbounded).
+        layer_norm: DAT++'s LayerNorm after the depthwise convolution.
+        bounded: ``tanh`` before the scale (DAT); ``False`` for DAT++'s unbounded offsets.
+
+    Shapes: forward takes (batch * groups, channels, n) and returns (batch * groups, n // r).
+    """
+
+    def __init__(
+        self,
+        *,
+        channels: int,
+        downsample_factor: int,
+        kernel_size: int,
+        offset_scale: float,
+        layer_norm: bool = False,
+        bounded: bool = True,
+    ):
+        super().__init__()
+        if kernel_size < downsample_factor or (kernel_size - downsample_factor) % 2:
+            raise ValueError(
+                f"offset_kernel_size: expected an integer >= downsample_factor ({downsample_factor}) "
+                f"with offset_kernel_size - downsample_factor even, got {kernel_size}"
+            )
+        self.downsample_factor = downsample_factor
+        self.offset_scale = offset_scale
+        self.bounded = bounded
+        self.depthwise = nn.Conv1d(
+            channels,
+            channels,
+            kernel_size,
+            groups=channels,
+            stride=downsample_factor,
+            padding=(kernel_size - downsample_factor) // 2,
+        )
+        self.norm = _ChannelLayerNorm(channels) if layer_norm else nn.Identity()
+        self.activation = nn.GELU()
+        self.pointwise = nn.Conv1d(channels, 1, 1, bias=False)
+
+    def forward(self, grouped_queries: Tensor) -> Tensor:
+        hidden = self.activation(self.norm(self.depthwise(grouped_queries)))
+        raw = self.pointwise(hidden).squeeze(1)  # (bg, 1, m) -> (bg, m)
+        if self.bounded:
+            raw = torch.tanh(raw)
+        return raw * self.offset_scale

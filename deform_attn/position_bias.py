@@ -1,0 +1,153 @@
+r"""Continuous position bias (SwinV2's CPB) and its exact piecewise-linear evaluation.
+
+The bias of a (query, key) pair is a small ReLU MLP of one scalar, the signed distance ``d``
+between them, optionally log-scaled:
+
+.. math::  t = \operatorname{sign}(d)\,\log(1 + |d|), \qquad \text{bias} = \mathrm{MLP}(t).
+
+Run naively, the MLP's hidden layer costs (pairs x hidden) memory and FLOPs, far more than the
+attention it biases. But a ReLU MLP of a **scalar** is a continuous piecewise-linear function of
+that scalar. Its kinks are where some hidden unit's pre-activation crosses zero; between two
+consecutive kinks every unit keeps its sign, so the whole MLP is ``slope * t + intercept`` there.
+:class:`ContinuousPositionBias` finds the kinks layer by layer, builds a (kinks + 1) table of
+slopes and intercepts with autograd attached, and evaluates each pair with one ``searchsorted``
+and one gather. Values match the MLP to float rounding and the gradients with respect to ``t``
+and every MLP parameter are exact, because within an interval the MLP *is* that affine map.
+
+Axis letters: p pairs (any leading shape), k kinks, i intervals (k + 1), u hidden units,
+o outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ContinuousPositionBias", "signed_log_distance", "piecewise_linear_table"]
+
+
+def signed_log_distance(distance: Tensor) -> Tensor:
+    r"""SwinV2's log-spaced distance: :math:`\operatorname{sign}(d)\log(1 + |d|)`."""
+    return torch.sign(distance) * torch.log1p(distance.abs())
+
+
+def _representative_points(kinks: Tensor) -> Tensor:
+    """One point strictly inside each of the ``len(kinks) + 1`` intervals the sorted kinks cut."""
+    if kinks.numel() == 0:
+        return kinks.new_zeros(1)
+    left = kinks[:1] - (1 + kinks[:1].abs())
+    right = kinks[-1:] + (1 + kinks[-1:].abs())
+    middles = (kinks[:-1] + kinks[1:]) / 2
+    return torch.cat([left, middles, right])
+
+
+def _affine_pieces(linears: list[nn.Linear], points: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Slope and intercept of the MLP's last listed layer on the interval of each point.
+
+    The activation pattern (which ReLUs pass) is read at ``points``; with it fixed, each layer is
+    an affine map of ``t``, carried as (slope, intercept) pairs. Differentiable in the parameters.
+
+    Returns:
+        slopes, intercepts: (intervals, outputs of the last listed layer), pre-activation.
+    """
+    points = points.to(dtype)
+    first = linears[0]
+    # shape: (u, 1) weight -> (i, u) pieces, the same slope on every interval
+    slopes = first.weight[:, 0].to(dtype).expand(points.shape[0], -1)
+    intercepts = first.bias.to(dtype).expand(points.shape[0], -1)
+    for layer in linears[1:]:
+        active = (slopes * points[:, None] + intercepts > 0).to(dtype)
+        slopes = (slopes * active) @ layer.weight.to(dtype).T
+        intercepts = (intercepts * active) @ layer.weight.to(dtype).T + layer.bias.to(dtype)
+    return slopes, intercepts
+
+
+@torch.compiler.disable
+def _find_kinks(linears: list[nn.Linear]) -> Tensor:
+    """Sorted kinks of the ReLU MLP ``linears`` (ReLU after all but the last), in float64."""
+    with torch.no_grad():
+        kinks = linears[0].weight.new_zeros(0, dtype=torch.float64)
+        for depth in range(1, len(linears)):
+            # pre-activations of layer `depth - 1`'s units are affine on each current interval
+            points = _representative_points(kinks)
+            slopes, intercepts = _affine_pieces(linears[:depth], points, torch.float64)
+            lower = torch.cat([kinks.new_full((1,), -torch.inf), kinks])[:, None]
+            upper = torch.cat([kinks, kinks.new_full((1,), torch.inf)])[:, None]
+            crossing = -intercepts / slopes.where(slopes != 0, torch.ones_like(slopes))
+            inside = (slopes != 0) & (crossing > lower) & (crossing < upper)
+            kinks = torch.unique(torch.cat([kinks, crossing[inside]]))  # sorted, ties merged
+        return kinks
+
+
+def piecewise_linear_table(linears: list[nn.Linear], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Kinks and per-interval (slope, intercept) of a ReLU MLP of one scalar.
+
+    Args:
+        linears: the MLP's linear layers in order; a ReLU follows every one but the last. The
+            first takes one input feature.
+        dtype: dtype of the returned table (the dtype the pairs are evaluated in).
+
+    Returns:
+        kinks (k,), sorted; slopes (k + 1, o) and intercepts (k + 1, o), where row ``i`` holds
+        the MLP on the interval ``(kinks[i - 1], kinks[i]]`` (open-ended at both extremes).
+        Slopes and intercepts carry autograd to the MLP's parameters.
+    """
+    kinks = _find_kinks(linears)
+    points = _representative_points(kinks)  # constants: the pattern, not its position, matters
+    slopes, intercepts = _affine_pieces(linears, points, torch.promote_types(dtype, linears[0].weight.dtype))
+    return kinks.to(dtype), slopes.to(dtype), intercepts.to(dtype)
+
+
+class ContinuousPositionBias(nn.Module):
+    """SwinV2's continuous position bias for one offset group: distance -> bias per head.
+
+    ``Linear(1, hidden) -> ReLU -> [Linear(hidden, hidden) -> ReLU] * (depth - 1) ->
+    Linear(hidden, heads_per_group)``, applied to the signed (optionally log-scaled) distance.
+
+    Args:
+        hidden_dim: width of the hidden layers.
+        num_outputs: bias values per pair (heads per offset group).
+        depth: number of hidden layers (each followed by ReLU).
+        log_distance: feed ``sign(d) log(1 + |d|)`` instead of ``d``.
+        fast: evaluate through the exact piecewise-linear table (default) instead of running the
+            MLP on every pair. Both give the same values and gradients; the reference path costs
+            (pairs x hidden) memory.
+
+    Shapes: forward takes distances of any shape (...) and returns (..., num_outputs).
+    """
+
+    def __init__(self, *, hidden_dim: int, num_outputs: int, depth: int = 2, log_distance: bool = True, fast: bool = True):
+        super().__init__()
+        if hidden_dim < 1:
+            raise ValueError(f"hidden_dim: expected a positive integer, got {hidden_dim}")
+        if depth < 1:
+            raise ValueError(f"depth: expected a positive integer, got {depth}")
+        self.log_distance = log_distance
+        self.fast = fast
+        widths = [1] + [hidden_dim] * depth + [num_outputs]
+        self.linears = nn.ModuleList(nn.Linear(w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:]))
+
+    def transform(self, distance: Tensor) -> Tensor:
+        """The MLP's input ``t`` for a distance (log-scaled or not)."""
+        return signed_log_distance(distance) if self.log_distance else distance
+
+    def mlp(self, t: Tensor) -> Tensor:
+        """The plain MLP on a (..., 1) input; the reference path."""
+        for layer in self.linears[:-1]:
+            t = torch.relu(layer(t))
+        return self.linears[-1](t)
+
+    def table(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Kinks, slopes and intercepts of the MLP (see :func:`piecewise_linear_table`)."""
+        return piecewise_linear_table(list(self.linears), dtype)
+
+    def forward(self, distance: Tensor, table: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """Bias for each distance; ``table`` reuses one computed by :meth:`table`."""
+        t = self.transform(distance)
+        if not self.fast:
+            return self.mlp(t.unsqueeze(-1))
+        kinks, slopes, intercepts = table if table is not None else self.table(t.dtype)
+        interval = torch.searchsorted(kinks, t.detach())
+        if slopes.shape[-1] == 1:  # one head per group: gather scalars, skip the trailing axis
+            return (slopes[:, 0][interval] * t + intercepts[:, 0][interval]).unsqueeze(-1)
+        return slopes[interval] * t.unsqueeze(-1) + intercepts[interval]

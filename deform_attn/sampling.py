@@ -1,0 +1,97 @@
+"""Linear sampling of a sequence at fractional positions: the 1D analogue of ``grid_sample``.
+
+Positions are in **token index units**: position ``p`` lies between token ``floor(p)`` and token
+``floor(p) + 1`` and blends them linearly. Token ``j`` sits exactly at position ``j``. Outside the
+sequence the values are zero (``grid_sample``'s ``padding_mode="zeros"``), so a position in
+``(-1, 0)`` or ``(n - 1, n)`` fades a border token towards zero and anything farther out is zero.
+
+Axis letters: b batch, c channels, n tokens, m sampled positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .geometry import normalize_positions
+
+__all__ = ["linear_sample_1d", "linear_sample_1d_reference"]
+
+
+def _check_sample_inputs(values: Tensor, positions: Tensor) -> None:
+    if not isinstance(values, Tensor) or values.ndim != 3:
+        raise ValueError(
+            f"values: expected a tensor of shape (batch, channels, length), got "
+            f"{tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__}"
+        )
+    if not isinstance(positions, Tensor) or positions.ndim != 2:
+        raise ValueError(
+            f"positions: expected a tensor of shape (batch, num_samples), got "
+            f"{tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__}"
+        )
+    if positions.shape[0] != values.shape[0]:
+        raise ValueError(
+            f"positions: batch size {positions.shape[0]} does not match values' batch size {values.shape[0]}"
+        )
+    if not positions.is_floating_point():
+        raise TypeError(f"positions: expected a floating point tensor, got {positions.dtype}")
+    if not values.is_floating_point():
+        raise TypeError(f"values: expected a floating point tensor, got {values.dtype}")
+
+
+def linear_sample_1d(values: Tensor, positions: Tensor) -> Tensor:
+    """Sample ``values`` at fractional ``positions`` by linear interpolation, zero outside.
+
+    Implemented with two gathers; differentiable with respect to both ``values`` and ``positions``
+    (the gradient with respect to a position is the difference of its two neighbouring tokens).
+
+    Args:
+        values: (batch, channels, length) sequence to sample from.
+        positions: (batch, num_samples) positions in token index units (token ``j`` at ``j``).
+
+    Returns:
+        (batch, channels, num_samples) interpolated values.
+    """
+    _check_sample_inputs(values, positions)
+    batch, channels, length = values.shape
+    positions = positions.to(torch.promote_types(positions.dtype, values.dtype))
+
+    left_index = positions.floor()
+    right_weight = positions - left_index  # gradient w.r.t. positions flows through here
+    left_index = left_index.long()
+    right_index = left_index + 1
+
+    def gather_or_zero(index: Tensor) -> Tensor:
+        inside = (index >= 0) & (index < length)
+        # shape: (b, m) -> (b, c, m), clamped so gather stays in range; outside taps are zeroed
+        safe_index = index.clamp(0, length - 1).unsqueeze(1).expand(batch, channels, -1)
+        return values.gather(-1, safe_index) * inside.unsqueeze(1).to(values.dtype)
+
+    right_weight = right_weight.unsqueeze(1).to(values.dtype)
+    return gather_or_zero(left_index) * (1 - right_weight) + gather_or_zero(right_index) * right_weight
+
+
+def linear_sample_1d_reference(values: Tensor, positions: Tensor) -> Tensor:
+    """The same sampling through ``torch.nn.functional.grid_sample``; the reference path.
+
+    The sequence is laid along the **width** axis of a height-1 image, the axis ``grid_sample``
+    reads from the grid's **first** (x) coordinate. Positions are normalized with
+    ``align_corners=False``, the inverse of the unnormalization ``grid_sample`` applies, so the
+    two paths agree to rounding.
+
+    Args:
+        values: (batch, channels, length) sequence to sample from.
+        positions: (batch, num_samples) positions in token index units.
+
+    Returns:
+        (batch, channels, num_samples) interpolated values.
+    """
+    _check_sample_inputs(values, positions)
+    length = values.shape[-1]
+    x = normalize_positions(positions.to(values.dtype), length, align_corners=False)
+    # shape: (b, m) -> (b, 1, m, 2): x along the sequence, y = 0 on the single row
+    grid = torch.stack([x, torch.zeros_like(x)], dim=-1).unsqueeze(1)
+    image = values.unsqueeze(2)  # (b, c, 1, n): height 1, width n
+    sampled = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return sampled.squeeze(2)  # (b, c, 1, m) -> (b, c, m)
