@@ -1,0 +1,42 @@
+# Two entry points for a fresh clone:
+#   make book   set everything up and build the rendered book into _build/html
+#   make test   set everything up, build the book, and run every test
+# Everything installs into a project-local virtual environment (.venv).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup system-deps book test notebooks clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch
+	$(BIN)/python -m pip install -q -e ".[test,book,bench]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The rendered-book check drives a real headless Chromium.
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "Please install Chromium (Debian: apt-get install chromium) for the rendered-book tests"; exit 1; fi; }
+
+book: setup
+	$(BIN)/jupyter-book build . -W -n --keep-going
+	@echo "The book is at $(CURDIR)/_build/html/index.html"
+
+test: book system-deps
+	$(BIN)/python -m pytest tests
+	DEFORM_ATTN_QUICK=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env \
+	  --sanitize-with tests/nbval_sanitize.cfg notebooks
+
+# Re-execute every notebook after a package change (outputs are committed).
+notebooks: setup
+	$(BIN)/python scripts/execute_notebooks.py
+
+clean:
+	rm -rf _build
