@@ -98,7 +98,7 @@ class DeformableAttention1D(nn.Module):
         bounded_offsets: bool = True,
         fast_position_bias: bool = True,
         fast_sampling: bool = True,
-        max_bias_elements: int = 2**26,
+        max_bias_elements: int = 2**28,
         check_finite: bool = True,
     ):
         super().__init__()
