@@ -233,7 +233,8 @@ class DeformableAttention1D(nn.Module):
         positions = sample_positions(offsets, length, r, geometry=self.geometry)  # (b g, m) tokens
         sample = linear_sample_1d if self.fast_sampling else linear_sample_1d_reference
         # shape: (b, g d, n) -> (b g, d, n): a group samples its own slice of the input channels
-        sampled = sample(rearrange(x, "b (g d) n -> (b g) d n", g=groups), positions.to(x.dtype))
+        # positions stay in float32 or wider: bfloat16 cannot tell token 32768 from 32769
+        sampled = sample(rearrange(x, "b (g d) n -> (b g) d n", g=groups), positions)
         sampled = rearrange(sampled, "(b g) d m -> b (g d) m", b=batch)
 
         keys, values = self.to_k(sampled), self.to_v(sampled)  # (b, h d, m)

@@ -94,7 +94,9 @@ def piecewise_linear_table(linears: list[nn.Linear], dtype: torch.dtype) -> tupl
     """
     kinks = _find_kinks(linears)
     points = _representative_points(kinks)  # constants: the pattern, not its position, matters
-    slopes, intercepts = _affine_pieces(linears, points, torch.promote_types(dtype, linears[0].weight.dtype))
+    device_type = linears[0].weight.device.type
+    with torch.autocast(device_type=device_type, enabled=False):  # the table must be exact
+        slopes, intercepts = _affine_pieces(linears, points, torch.promote_types(dtype, linears[0].weight.dtype))
     return kinks.to(dtype), slopes.to(dtype), intercepts.to(dtype)
 
 
@@ -160,12 +162,14 @@ class _PiecewiseLinearBias(torch.autograd.Function):
     @staticmethod
     def forward(ctx, distance: Tensor, kinks: Tensor, slopes: Tensor, intercepts: Tensor, log_distance: bool):
         t = signed_log_distance(distance) if log_distance else distance
-        interval = torch.searchsorted(kinks, t.contiguous())
+        # int32 halves the saved index; a few hundred kinks never need more
+        interval = torch.searchsorted(kinks, t.contiguous(), out_int32=True)
+        flat = interval.reshape(-1)
         outputs = slopes.shape[-1]
         if outputs == 1:  # one head per group: 1-d gathers, no trailing axis until the end
-            bias = (torch.take(slopes[:, 0], interval) * t + torch.take(intercepts[:, 0], interval)).unsqueeze(-1)
+            bias = slopes[:, 0].index_select(0, flat).view(t.shape) * t
+            bias = bias.add_(intercepts[:, 0].index_select(0, flat).view(t.shape)).unsqueeze(-1)
         else:
-            flat = interval.reshape(-1)
             bias = (slopes.index_select(0, flat) * t.reshape(-1, 1) + intercepts.index_select(0, flat)).view(
                 *t.shape, outputs
             )
@@ -182,7 +186,7 @@ class _PiecewiseLinearBias(torch.autograd.Function):
         grad_distance = grad_slopes = grad_intercepts = None
         if ctx.needs_input_grad[0]:
             if outputs == 1:
-                grad_t = torch.take(slopes[:, 0], interval) * grad_bias.squeeze(-1)
+                grad_t = slopes[:, 0].index_select(0, flat).view(t.shape) * grad_bias.squeeze(-1)
             else:
                 grad_t = (slopes.index_select(0, flat) * grad_flat).sum(-1).view(t.shape)
             # d/dd sign(d) log(1 + |d|) = 1 / (1 + |d|)
