@@ -18,12 +18,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The rendered-book check drives a real headless Chromium.
+MATHJAX := $(CURDIR)/.cache/mathjax
+export DEFORM_ATTN_MATHJAX_DIR := $(MATHJAX)/node_modules/mathjax
+
+# The rendered-book check drives a real headless Chromium and typesets equations with a local
+# MathJax 3 (the book itself loads MathJax from a CDN, which the check cannot reach).
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "Please install Chromium (Debian: apt-get install chromium) for the rendered-book tests"; exit 1; fi; }
+	@test -f $(DEFORM_ATTN_MATHJAX_DIR)/es5/tex-mml-chtml.js || \
+	  npm install --silent --no-audit --no-fund --prefix $(MATHJAX) mathjax@3
 
 book: setup
 	$(BIN)/jupyter-book build . -W -n --keep-going
@@ -32,7 +38,7 @@ book: setup
 test: book system-deps
 	$(BIN)/python -m pytest tests
 	DEFORM_ATTN_QUICK=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env \
-	  --sanitize-with tests/nbval_sanitize.cfg notebooks
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
 
 # Re-execute every notebook after a package change (outputs are committed).
 notebooks: setup

@@ -1,0 +1,330 @@
+"""The rendered book in a real headless browser: pages load, figures show, equations typeset.
+
+Run ``make book`` first (``jupyter-book build . -W -n --keep-going``): this test reads
+``_build/html`` and fails, rather than skips, when it is missing.
+
+How it works, offline:
+
+* **Browser.** Debian's ``chromium`` (``apt-get install -y chromium chromium-driver``; set
+  ``DEFORM_ATTN_CHROMIUM`` to use another binary), started once per page with ``--headless
+  --no-sandbox --disable-gpu --disable-background-networking --disable-component-update
+  --disable-sync --no-first-run``, a fresh ``--user-data-dir``, and ``--host-resolver-rules`` that
+  make every host but 127.0.0.1 unresolvable, so nothing is fetched from the internet. Each run
+  uses ``--virtual-time-budget`` to let scripts finish, then ``--dump-dom`` (the DOM after the
+  scripts ran) and ``--screenshot`` (a 1280x2000 PNG into ``_build/screenshots/``).
+* **MathJax.** The pages load MathJax 3 from its CDN, which is unreachable offline. The test serves
+  ``_build/html`` from a localhost ``http.server`` that rewrites the CDN script URL to a local copy
+  of the ``mathjax@3`` npm package, installed beforehand with
+  ``npm install --prefix ~/.cache/deform_attn/mathjax mathjax@3`` (or point
+  ``DEFORM_ATTN_MATHJAX_DIR`` at a ``node_modules/mathjax`` folder). The server also appends a small
+  script to every page that waits for ``MathJax.startup.promise`` and writes a JSON report into the
+  DOM: how many ``mjx-container`` elements were typeset, MathJax errors, and whether each image
+  loaded (``naturalWidth > 0``). The served pages are only modified in memory; ``_build/html`` is
+  left as built.
+
+Checked for every page of _toc.yml: the page loads and its scripts run; no Python traceback is
+shown; every figure output of the source notebook appears as an image that actually loaded; every
+equation is typeset, without MathJax errors; every internal link and asset (``href``/``src``)
+points to a file that exists, and a link's ``#fragment`` to an id on the target page.
+External images (the Colab badge) cannot load offline and are not checked.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+from html.parser import HTMLParser
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import nbformat
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HTML_DIR = REPO_ROOT / "_build" / "html"
+SCREENSHOT_DIR = REPO_ROOT / "_build" / "screenshots"
+MATHJAX_DIR = Path(
+    os.environ.get("DEFORM_ATTN_MATHJAX_DIR", Path.home() / ".cache/deform_attn/mathjax/node_modules/mathjax")
+)
+MATHJAX_ROUTE = "/_offline_mathjax/"
+CDN_MATHJAX = re.compile(r"https?://[^\"'\s]*mathjax[^\"'\s]*?/(es5/[^\"'\s]+\.js)")
+REPORT_ID = "deform-attn-browser-report"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    "--window-size=1280,2000",
+    "--virtual-time-budget=30000",
+]
+TRACEBACK_MARKERS = ("Traceback (most recent call last)", "ipythontb", "output traceback")
+
+# Appended to every served page: once MathJax has typeset (or at once, on pages without math),
+# write what the browser sees into a hidden <pre> that --dump-dom captures.
+REPORT_SCRIPT = """
+<script>
+window.addEventListener("load", function () {
+  function report() {
+    var out = document.createElement("pre");
+    out.id = "%s";
+    out.hidden = true;
+    out.textContent = JSON.stringify({
+      mathjax: !!(window.MathJax && MathJax.startup && MathJax.version),
+      typeset: document.querySelectorAll("mjx-container").length,
+      errors: document.querySelectorAll("mjx-merror, [data-mjx-error]").length,
+      images: Array.from(document.images).map(function (img) {
+        return {src: img.getAttribute("src"), loaded: img.complete && img.naturalWidth > 0};
+      })
+    });
+    document.body.appendChild(out);
+  }
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    MathJax.startup.promise.then(report, report);
+  } else {
+    report();
+  }
+});
+</script>
+""" % REPORT_ID
+
+
+def _toc_entries() -> list[str]:
+    def walk(tree):
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                if key in ("file", "root"):
+                    yield value
+                else:
+                    yield from walk(value)
+        elif isinstance(tree, list):
+            for value in tree:
+                yield from walk(value)
+
+    return list(walk(yaml.safe_load((REPO_ROOT / "_toc.yml").read_text(encoding="utf-8"))))
+
+
+def _source(entry: str) -> Path | None:
+    for suffix in (".ipynb", ".md", ".rst"):
+        if (REPO_ROOT / f"{entry}{suffix}").is_file():
+            return REPO_ROOT / f"{entry}{suffix}"
+    return None
+
+
+# Pages whose source is missing are reported by tests/test_notebooks.py, not here.
+PAGES = [entry for entry in _toc_entries() if _source(entry) is not None]
+
+
+class _Page(HTMLParser):
+    """Ids, links, images, math elements and visible text of an HTML document."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.ids: set[str] = set()
+        self.links: list[tuple[str, str]] = []  # (tag, url)
+        self.math = 0
+        self.text: list[str] = []
+        self.report: str | None = None
+        self._in_report = False
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for key in ("id", "name"):
+            if attrs.get(key):
+                self.ids.add(attrs[key])
+        for key in ("href", "src"):
+            if attrs.get(key) and tag in ("a", "link", "img", "script", "source", "iframe"):
+                self.links.append((tag, attrs[key]))
+        classes = (attrs.get("class") or "").split()
+        if "math" in classes and tag in ("span", "div"):
+            self.math += 1
+        if attrs.get("id") == REPORT_ID:
+            self._in_report = True
+        if tag in ("script", "style"):
+            self._skip += 1
+        if "ipythontb" in classes or "traceback" in classes:
+            self.text.append(" ".join(classes))
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style"):
+            self._skip = max(0, self._skip - 1)
+        if tag == "pre":
+            self._in_report = False
+
+    def handle_data(self, data):
+        if self._in_report:
+            self.report = (self.report or "") + data
+        elif not self._skip:
+            self.text.append(data)
+
+
+def _parse(markup: str) -> _Page:
+    page = _Page()
+    page.feed(markup)
+    page.close()
+    return page
+
+
+class _BookHandler(SimpleHTTPRequestHandler):
+    """Serves _build/html, with MathJax from the local npm copy and a report script per page."""
+
+    def __init__(self, *args, html_dir: Path, mathjax_dir: Path, **kwargs):
+        self.mathjax_dir = mathjax_dir
+        super().__init__(*args, directory=str(html_dir), **kwargs)
+
+    def log_message(self, *args):  # keep pytest's output clean
+        pass
+
+    def translate_path(self, path):
+        clean = unquote(urlsplit(path).path)
+        if clean.startswith(MATHJAX_ROUTE):
+            return str(self.mathjax_dir / clean[len(MATHJAX_ROUTE):])
+        return super().translate_path(path)
+
+    def do_GET(self):
+        local = Path(self.translate_path(self.path))
+        if local.suffix != ".html" or not local.is_file():
+            return super().do_GET()
+        markup = local.read_text(encoding="utf-8")
+        markup = CDN_MATHJAX.sub(lambda match: MATHJAX_ROUTE + match.group(1), markup)
+        markup = markup.replace("</body>", REPORT_SCRIPT + "</body>", 1)
+        body = markup.encode("utf-8")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def html_dir() -> Path:
+    if not (HTML_DIR / "index.html").is_file():
+        pytest.fail(f"{HTML_DIR} does not exist: run `make book` (jupyter-book build . -W -n --keep-going) first")
+    return HTML_DIR
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    binary = os.environ.get("DEFORM_ATTN_CHROMIUM") or next(
+        (found for name in ("chromium", "chromium-browser", "google-chrome") if (found := shutil.which(name))), None
+    )
+    if not binary:
+        pytest.fail("no chromium found: `apt-get install -y chromium chromium-driver` (or set DEFORM_ATTN_CHROMIUM)")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def server(html_dir):
+    if not (MATHJAX_DIR / "es5" / "tex-mml-chtml.js").is_file():
+        pytest.fail(
+            f"no local MathJax 3 in {MATHJAX_DIR}: run `npm install --prefix ~/.cache/deform_attn/mathjax mathjax@3` "
+            "or set DEFORM_ATTN_MATHJAX_DIR to a node_modules/mathjax folder"
+        )
+    handler = functools.partial(_BookHandler, html_dir=html_dir, mathjax_dir=MATHJAX_DIR)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _expected_figures(source: Path) -> int:
+    """Image outputs of a notebook's cells that the book shows."""
+    if source.suffix != ".ipynb":
+        return 0
+    count = 0
+    for cell in nbformat.read(source, as_version=4).cells:
+        tags = set(cell.metadata.get("tags", []))
+        if cell.cell_type != "code" or tags & {"remove-cell", "remove-output"}:
+            continue
+        count += sum(
+            1 for out in cell.outputs if {"image/png", "image/svg+xml", "image/jpeg"} & set(out.get("data", {}))
+        )
+    return count
+
+
+@pytest.mark.parametrize("entry", PAGES)
+def test_page_in_browser(entry, chromium, server, html_dir, tmp_path):
+    page_file = html_dir / f"{entry}.html"
+    assert page_file.is_file(), f"{entry} is in _toc.yml but {page_file} was not built"
+    built = _parse(page_file.read_text(encoding="utf-8"))
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    screenshot = SCREENSHOT_DIR / f"{entry.replace('/', '__')}.png"
+    screenshot.unlink(missing_ok=True)
+
+    run = subprocess.run(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={screenshot}",
+            "--dump-dom",
+            f"{server}/{entry}.html",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, f"chromium failed on {entry}: {run.stderr[-2000:]}"
+    dom = _parse(run.stdout)
+    assert dom.report, f"{entry}: the page's scripts did not finish (no report in the DOM)"
+    report = json.loads(dom.report)
+
+    text = html.unescape(" ".join(dom.text))
+    for marker in TRACEBACK_MARKERS:
+        assert marker not in text, f"{entry}: the page shows a Python traceback ({marker!r})"
+
+    local_images = [img for img in report["images"] if not re.match(r"[a-z]+:", img["src"] or "")]
+    broken = [img["src"] for img in local_images if not img["loaded"]]
+    assert not broken, f"{entry}: images that did not load: {broken}"
+    figures = [img for img in local_images if "_images/" in img["src"]]
+    expected = _expected_figures(_source(entry))
+    assert len(figures) >= expected, f"{entry}: {expected} figure outputs in the notebook, {len(figures)} on the page"
+
+    if built.math:
+        assert report["mathjax"], f"{entry}: {built.math} equations but MathJax did not start"
+        assert report["typeset"] >= built.math, f"{entry}: {built.math} equations, {report['typeset']} typeset"
+        assert report["errors"] == 0, f"{entry}: {report['errors']} MathJax errors"
+
+    assert screenshot.is_file() and screenshot.stat().st_size > 10_000, f"{entry}: no screenshot in {screenshot}"
+
+
+@pytest.mark.parametrize("entry", PAGES)
+def test_internal_links_resolve(entry, html_dir):
+    page_file = html_dir / f"{entry}.html"
+    assert page_file.is_file(), f"{entry} is in _toc.yml but {page_file} was not built"
+    page = _parse(page_file.read_text(encoding="utf-8"))
+    ids_of: dict[Path, set[str]] = {page_file: page.ids}
+    broken = []
+    for tag, url in page.links:
+        parts = urlsplit(url)
+        if parts.scheme or parts.netloc or url.startswith(("mailto:", "javascript:", "data:")):
+            continue
+        target = (page_file.parent / unquote(parts.path)).resolve() if parts.path else page_file
+        if parts.path.endswith("/") or target.is_dir():
+            target = target / "index.html"
+        if not target.is_file():
+            broken.append(f"<{tag}> {url}: no file {target}")
+            continue
+        if tag == "a" and parts.fragment and target.suffix == ".html":
+            if target not in ids_of:
+                ids_of[target] = _parse(target.read_text(encoding="utf-8")).ids
+            if unquote(parts.fragment) not in ids_of[target]:
+                broken.append(f"<a> {url}: no id {parts.fragment!r} in {target.name}")
+    assert not broken, f"{entry}: broken internal links:\n" + "\n".join(broken)
