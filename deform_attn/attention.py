@@ -231,10 +231,8 @@ class DeformableAttention1D(nn.Module):
         cells = offsets.shape[-1]
 
         positions = sample_positions(offsets, length, r, geometry=self.geometry)  # (b g, m) tokens
-        sample = linear_sample_1d if self.fast_sampling else linear_sample_1d_reference
         # shape: (b, g d, n) -> (b g, d, n): a group samples its own slice of the input channels
-        # positions stay in float32 or wider: bfloat16 cannot tell token 32768 from 32769
-        sampled = sample(rearrange(x, "b (g d) n -> (b g) d n", g=groups), positions)
+        sampled = self.sample_keys(rearrange(x, "b (g d) n -> (b g) d n", g=groups), positions)
         sampled = rearrange(sampled, "(b g) d m -> b (g d) m", b=batch)
 
         keys, values = self.to_k(sampled), self.to_v(sampled)  # (b, h d, m)
@@ -256,6 +254,21 @@ class DeformableAttention1D(nn.Module):
             vgrid = torch.arange(cells, device=x.device, dtype=offsets.dtype) + offsets
             return out, vgrid
         return out
+
+    def sample_keys(self, grouped_x: Tensor, positions: Tensor) -> Tensor:
+        """Linear samples of each group's channels, zero outside; override to study other samplers.
+
+        Args:
+            grouped_x: (batch * offset_groups, dim / offset_groups, n) input channels per group.
+            positions: (batch * offset_groups, cells) sample positions in tokens. They stay in
+                float32 or wider even for low-precision inputs (bfloat16 cannot resolve token
+                indices past 256).
+
+        Returns:
+            (batch * offset_groups, dim / offset_groups, cells) samples.
+        """
+        sample = linear_sample_1d if self.fast_sampling else linear_sample_1d_reference
+        return sample(grouped_x, positions)
 
     def _attend_in_chunks(self, q, k, v, offsets, key_padding, length, position_dtype) -> Tensor:
         batch, heads, _, _ = q.shape
