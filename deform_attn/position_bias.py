@@ -62,9 +62,12 @@ def _affine_pieces(linears: list[nn.Linear], points: Tensor, dtype: torch.dtype)
     return slopes, intercepts
 
 
-@torch.compiler.disable
 def _find_kinks(linears: list[nn.Linear]) -> Tensor:
-    """Sorted kinks of the ReLU MLP ``linears`` (ReLU after all but the last), in float64."""
+    """Sorted kinks of the ReLU MLP ``linears`` (ReLU after all but the last), in float64.
+
+    The number of kinks depends on the weights, so under ``torch.compile`` this part runs eagerly
+    (a graph break at ``torch.unique``); the table built from it compiles.
+    """
     with torch.no_grad():
         kinks = linears[0].weight.new_zeros(0, dtype=torch.float64)
         for depth in range(1, len(linears)):
