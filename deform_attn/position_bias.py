@@ -157,49 +157,60 @@ class ContinuousPositionBias(nn.Module):
 class _PiecewiseLinearBias(torch.autograd.Function):
     """``slopes[i] * t + intercepts[i]`` with ``i`` the interval of ``t = transform(distance)``.
 
-    One autograd node instead of a chain of elementwise ones: it saves only ``t`` and the interval
-    index per pair, and its backward reduces the table gradients with ``index_add_``, avoiding the
-    slow generic ``index`` backward. ``slopes``/``intercepts`` are (intervals, outputs).
+    One autograd node instead of a chain of elementwise ones. Every step is a full pass over the
+    (pairs,) tensors, so the pass count is what is optimised: the forward saves ``t``, the interval
+    index and the local derivative ``d bias / d distance``; the backward is then one product for
+    the distance and two ``index_add_`` reductions for the table. ``slopes``/``intercepts`` are
+    (intervals, outputs).
     """
 
     @staticmethod
     def forward(ctx, distance: Tensor, kinks: Tensor, slopes: Tensor, intercepts: Tensor, log_distance: bool):
-        t = signed_log_distance(distance) if log_distance else distance
+        if log_distance:
+            magnitude = distance.abs()
+            t = torch.log1p(magnitude).copysign_(distance)
+        else:
+            magnitude, t = None, distance
         # int32 halves the saved index; a few hundred kinks never need more
         interval = torch.searchsorted(kinks, t.contiguous(), out_int32=True)
         flat = interval.reshape(-1)
         outputs = slopes.shape[-1]
-        if outputs == 1:  # one head per group: 1-d gathers, no trailing axis until the end
-            bias = slopes[:, 0].index_select(0, flat).view(t.shape) * t
-            bias = bias.add_(intercepts[:, 0].index_select(0, flat).view(t.shape)).unsqueeze(-1)
+        if outputs == 1:  # one head per group: 1-d gathers, the trailing axis only at the end
+            slope = slopes[:, 0].index_select(0, flat).view(t.shape)
+            bias = torch.addcmul(intercepts[:, 0].index_select(0, flat).view(t.shape), slope, t).unsqueeze(-1)
         else:
-            bias = (slopes.index_select(0, flat) * t.reshape(-1, 1) + intercepts.index_select(0, flat)).view(
-                *t.shape, outputs
-            )
-        ctx.log_distance = log_distance
-        ctx.save_for_backward(distance, t, interval, slopes)
+            slope = slopes.index_select(0, flat).view(*t.shape, outputs)
+            bias = torch.addcmul(intercepts.index_select(0, flat).view(*t.shape, outputs), slope, t.unsqueeze(-1))
+        # d bias / d distance = slope * dt/dd, with dt/dd = 1 / (1 + |d|) for the log distance
+        if magnitude is None:
+            local_derivative = slope
+        else:
+            one_plus_magnitude = magnitude.add_(1)
+            local_derivative = slope / (one_plus_magnitude if outputs == 1 else one_plus_magnitude.unsqueeze(-1))
+        ctx.outputs = outputs
+        ctx.table_shape = slopes.shape
+        ctx.save_for_backward(t, interval, local_derivative)
         return bias
 
     @staticmethod
     def backward(ctx, grad_bias: Tensor):
-        distance, t, interval, slopes = ctx.saved_tensors
-        outputs = slopes.shape[-1]
+        t, interval, local_derivative = ctx.saved_tensors
+        outputs = ctx.outputs
         flat = interval.reshape(-1)
-        grad_flat = grad_bias.reshape(-1, outputs)
         grad_distance = grad_slopes = grad_intercepts = None
+        if outputs == 1:  # reduce 1-d: index_add_ over (pairs, 1) rows is ~20x slower on CPU
+            grad_rows, t_rows, table_shape = grad_bias.reshape(-1), t.reshape(-1), ctx.table_shape[:1]
+        else:
+            grad_rows, t_rows, table_shape = grad_bias.reshape(-1, outputs), t.reshape(-1, 1), ctx.table_shape
         if ctx.needs_input_grad[0]:
             if outputs == 1:
-                grad_t = slopes[:, 0].index_select(0, flat).view(t.shape) * grad_bias.squeeze(-1)
+                grad_distance = local_derivative * grad_bias.squeeze(-1)
             else:
-                grad_t = (slopes.index_select(0, flat) * grad_flat).sum(-1).view(t.shape)
-            # d/dd sign(d) log(1 + |d|) = 1 / (1 + |d|)
-            grad_distance = grad_t / (1 + distance.abs()) if ctx.log_distance else grad_t
-        # one output: reduce 1-d (index_add_ over (pairs, 1) rows is ~20x slower on CPU)
-        grad_rows = grad_flat[:, 0] if outputs == 1 else grad_flat
-        t_rows = t.reshape(-1) if outputs == 1 else t.reshape(-1, 1)
-        table_shape = slopes.shape[:1] if outputs == 1 else slopes.shape
+                grad_distance = (local_derivative * grad_bias).sum(-1)
         if ctx.needs_input_grad[2]:
-            grad_slopes = slopes.new_zeros(table_shape).index_add_(0, flat, grad_rows * t_rows).view(slopes.shape)
+            grad_slopes = grad_rows.new_zeros(table_shape).index_add_(0, flat, grad_rows * t_rows)
+            grad_slopes = grad_slopes.view(ctx.table_shape)
         if ctx.needs_input_grad[3]:
-            grad_intercepts = slopes.new_zeros(table_shape).index_add_(0, flat, grad_rows).view(slopes.shape)
+            grad_intercepts = grad_rows.new_zeros(table_shape).index_add_(0, flat, grad_rows)
+            grad_intercepts = grad_intercepts.view(ctx.table_shape)
         return grad_distance, None, grad_slopes, grad_intercepts, None
