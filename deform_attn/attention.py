@@ -110,8 +110,12 @@ class DeformableAttention1D(nn.Module):
         max_bias_elements = _positive_int("max_bias_elements", max_bias_elements)
         offset_groups = heads if offset_groups is None else _positive_int("offset_groups", offset_groups)
         offset_scale = downsample_factor if offset_scale is None else offset_scale
-        if isinstance(offset_scale, bool) or not isinstance(offset_scale, (int, float)) or not offset_scale > 0:
-            raise ValueError(f"offset_scale: expected a positive number of cells, got {offset_scale!r}")
+        if (
+            isinstance(offset_scale, bool)
+            or not isinstance(offset_scale, (int, float))
+            or not 0 < offset_scale < math.inf
+        ):
+            raise ValueError(f"offset_scale: expected a positive, finite number of cells, got {offset_scale!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         if heads % offset_groups:
@@ -123,6 +127,11 @@ class DeformableAttention1D(nn.Module):
             )
         if dim < 4 and position_bias == "cpb":
             raise ValueError(f"dim: the position bias MLP has dim // 4 hidden units, so dim must be >= 4, got {dim}")
+        if offset_layer_norm and (dim_head * heads) // offset_groups < 2:
+            raise ValueError(
+                "offset_layer_norm: needs at least 2 query channels per offset group (LayerNorm over one "
+                f"channel is constant); got heads * dim_head / offset_groups = {(dim_head * heads) // offset_groups}"
+            )
         if geometry not in GEOMETRIES:
             raise ValueError(f"geometry: expected one of {GEOMETRIES}, got {geometry!r}")
         if position_bias not in POSITION_BIASES:
@@ -183,9 +192,11 @@ class DeformableAttention1D(nn.Module):
             raise ValueError(
                 f"x: sequence length n = {length} must be at least downsample_factor = {self.downsample_factor}"
             )
-        if self.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
-            raise ValueError("x: contains NaN or infinity; pass check_finite=False to let them propagate")
+        if x.shape[0] == 0:
+            raise ValueError(f"x: expected a batch of at least one sequence, got shape {tuple(x.shape)}")
         if mask is None:
+            if self.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+                raise ValueError("x: contains NaN or infinity; pass check_finite=False to let them propagate")
             return
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask: expected a bool tensor (True = real token), got {getattr(mask, 'dtype', type(mask).__name__)}")
@@ -206,6 +217,10 @@ class DeformableAttention1D(nn.Module):
                 f"mask: every row needs at least downsample_factor = {self.downsample_factor} real tokens; "
                 f"rows {too_short.nonzero().flatten().tolist()} have fewer"
             )
+        if self.check_finite:  # padding is never read, so only real tokens must be finite
+            real = mask[:, :, None] if self.batch_first else mask[:, None, :]
+            if not (torch.isfinite(x) | ~real).all():
+                raise ValueError("x: contains NaN or infinity; pass check_finite=False to let them propagate")
 
     # ------------------------------------------------------------------ forward
 
@@ -218,13 +233,14 @@ class DeformableAttention1D(nn.Module):
         position_dtype = torch.promote_types(x.dtype, torch.float32)
 
         if mask is not None:  # padded tokens become the zeros an unpadded sequence would see
-            x = x * mask[:, None, :].to(x.dtype)
+            # masked_fill, not a product: padding may hold NaN or inf, and NaN * 0 is NaN
+            x = x.masked_fill(~mask[:, None, :], 0)
 
         queries = self.to_q(x)  # (b, h d, n)
         # shape: (b, g d, n) -> (b g, d, n): each offset group predicts its own offsets
         grouped_queries = rearrange(queries, "b (g d) n -> (b g) d n", g=groups)
         if mask is not None:
-            grouped_queries = grouped_queries * mask.repeat_interleave(groups, 0)[:, None, :].to(x.dtype)
+            grouped_queries = grouped_queries.masked_fill(~mask.repeat_interleave(groups, 0)[:, None, :], 0)
         offsets = self.to_offsets(grouped_queries).to(position_dtype)  # (b g, m) in cells
         if not self.use_offsets:
             offsets = torch.zeros_like(offsets)
@@ -247,7 +263,7 @@ class DeformableAttention1D(nn.Module):
         out = self._attend_in_chunks(q, k, v, offsets, key_padding, length, position_dtype)
         out = self.to_out(rearrange(out, "b h n d -> b (h d) n"))  # (b, dim, n)
         if mask is not None:
-            out = out * mask[:, None, :].to(out.dtype)
+            out = out.masked_fill(~mask[:, None, :], 0)
         if self.batch_first:
             out = out.transpose(1, 2)
         if return_vgrid:

@@ -27,8 +27,12 @@ __all__ = ["ContinuousPositionBias", "signed_log_distance", "piecewise_linear_ta
 
 
 def signed_log_distance(distance: Tensor) -> Tensor:
-    r"""SwinV2's log-spaced distance: :math:`\operatorname{sign}(d)\log(1 + |d|)`."""
-    return torch.sign(distance) * torch.log1p(distance.abs())
+    r"""SwinV2's log-spaced distance: :math:`\operatorname{sign}(d)\log(1 + |d|)`.
+
+    Its derivative at 0 is 1; autograd through ``sign`` and ``abs`` would say 0 there, and exact
+    zeros occur (an odd ``r`` with zero offsets puts keys on query tokens), hence the ``where``.
+    """
+    return torch.where(distance == 0, distance, torch.sign(distance) * torch.log1p(distance.abs()))
 
 
 def _representative_points(kinks: Tensor) -> Tensor:
@@ -123,10 +127,9 @@ class ContinuousPositionBias(nn.Module):
 
     def __init__(self, *, hidden_dim: int, num_outputs: int, depth: int = 2, log_distance: bool = True, fast: bool = True):
         super().__init__()
-        if hidden_dim < 1:
-            raise ValueError(f"hidden_dim: expected a positive integer, got {hidden_dim}")
-        if depth < 1:
-            raise ValueError(f"depth: expected a positive integer, got {depth}")
+        for name, value in (("hidden_dim", hidden_dim), ("num_outputs", num_outputs), ("depth", depth)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         self.log_distance = log_distance
         self.fast = fast
         widths = [1] + [hidden_dim] * depth + [num_outputs]
@@ -194,6 +197,12 @@ class _PiecewiseLinearBias(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_bias: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: the saved tensors carry no graph
+            raise RuntimeError(
+                "ContinuousPositionBias(fast=True) cannot be differentiated twice: its first derivative is "
+                "exact, but higher-order ones are not implemented; use fast=False "
+                "(DeformableAttention1D(fast_position_bias=False)) for gradient penalties or Hessians"
+            )
         t, interval, local_derivative = ctx.saved_tensors
         outputs = ctx.outputs
         flat = interval.reshape(-1)

@@ -1,0 +1,80 @@
+"""Shared test configuration: the ``slow`` marker, the hypothesis profile, seeds, error measures.
+
+Tests marked ``slow`` (cold ``torch.compile`` with inductor takes over a minute on a 2-core CPU)
+are skipped unless ``--runslow`` is given or ``DEFORM_ATTN_RUN_SLOW=1`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+# One profile for every property test: no per-example deadline (the first call of a layer pays for
+# lazy initialisation) and few enough examples to keep the suite within a few minutes on 2 cores.
+settings.register_profile("deform_attn", deadline=None, max_examples=25, print_blob=True)
+settings.load_profile("deform_attn")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over a minute on CPU; run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("DEFORM_ATTN_RUN_SLOW") == "1":
+        return
+    skip_slow = pytest.mark.skip(reason="slow: pass --runslow (or set DEFORM_ATTN_RUN_SLOW=1) to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same random state, so failures reproduce."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test on one intra-op thread.
+
+    The package's tests use tensors of a few thousand elements, where a second OpenMP thread saves
+    nothing and, when other processes keep the cores busy, costs spin-waits that made single tests
+    take tens of seconds. Modules opt in with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: an error relative to the tensor's scale."""
+    scale = expected.detach().abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+    return ((actual.detach() - expected.detach()).abs().max() / scale).item()
+
+
+def gradient_errors(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> list[float]:
+    """Per-tensor max relative errors of a list of gradients.
+
+    Some gradients are zero in exact arithmetic (the position bias's output bias: softmax ignores a
+    constant added to a whole row) and come out as rounding noise. A gradient below 1e-6 of the
+    largest in the list is measured relative to that largest gradient instead of its own noise.
+    Every other gradient is compared relative to its own scale.
+    """
+    largest = max(g.detach().abs().max().item() for g in expected)
+    errors = []
+    for a, e in zip(actual, expected, strict=True):
+        a, e = a.detach(), e.detach()
+        scale = e.abs().max().item()
+        if scale < 1e-6 * largest:
+            scale = largest
+        errors.append((a - e).abs().max().item() / scale if scale > 0 else a.abs().max().item())
+    return errors

@@ -1,0 +1,402 @@
+"""The ablation wing: tasks, the bug-variant sampler, models, the runner (resume, SIGKILL, shards), results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deform_attn.experiments import grid, models, records, results, tasks
+from deform_attn.geometry import normalize_positions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+# ---------------------------------------------------------------------------- tasks
+
+
+def test_adding_problem_shapes_markers_and_targets():
+    data = tasks.adding_problem(length=50, num_train=100, num_test=20, seed=3)
+    assert data.train.x.shape == (100, 50, 2) and data.test.x.shape == (20, 50, 2)
+    marker = data.train.x[..., 1]
+    assert torch.all(marker.sum(1) == 2)
+    assert torch.all(marker[:, :25].sum(1) == 1) and torch.all(marker[:, 25:].sum(1) == 1)
+    expected = (data.train.x[..., 0] * marker).sum(1)
+    torch.testing.assert_close(data.train.y, expected)
+
+
+def test_adding_problem_is_deterministic_per_seed():
+    a, b, c = (tasks.adding_problem(length=20, num_train=10, num_test=5, seed=s) for s in (1, 1, 2))
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
+    assert not torch.equal(a.train.x, c.train.x)
+
+
+def test_adding_problem_trivial_mse_is_one_sixth():
+    data = tasks.adding_problem(length=10, num_train=20_000, num_test=20_000, seed=0)
+    assert abs(data.baseline["test_mse"] - 1 / 6) < 0.006
+
+
+@pytest.mark.parametrize(
+    "expression, value",
+    [
+        ("[MAX 2 9 ]", 9),
+        ("[MIN 4 1 7 ]", 1),
+        ("[MED 1 5 3 ]", 3),
+        ("[MED 1 2 3 4 ]", 2),  # median 2.5, rounded down
+        ("[SM 7 8 9 ]", 4),
+        ("[MAX 2 9 [MIN 4 7 ] 0 ]", 9),
+        ("[SM [MAX 1 2 ] [MIN 5 6 ] [MED 9 9 0 ] ]", 6),  # 2 + 5 + 9 = 16
+        ("[MIN [SM 9 9 ] [MAX [MED 3 8 5 ] 1 ] ]", 5),  # min(8, 5)
+    ],
+)
+def test_listops_evaluator_on_hand_examples(expression, value):
+    assert tasks.listops_evaluate(expression.split()) == value
+
+
+@pytest.mark.parametrize("bad", ["[MAX 2 9", "2 ]", "[MAX ]", "[FOO 1 ]"])
+def test_listops_evaluator_rejects_malformed_expressions(bad):
+    with pytest.raises(ValueError):
+        tasks.listops_evaluate(bad.split())
+
+
+def test_listops_generator_follows_the_rules():
+    rng = random.Random(0)
+    for _ in range(200):
+        tokens = tasks.listops_generate_tree(rng, max_depth=10, max_args=10)
+        depth, max_depth, stack = 0, 0, []
+        for token in tokens:
+            assert token in tasks.LISTOPS_VOCAB
+            if token in tasks.LISTOPS_OPERATORS:
+                depth += 1
+                max_depth = max(max_depth, depth)
+                stack.append(0)
+            elif token == "]":
+                assert 2 <= stack.pop() <= 10
+                depth -= 1
+                if stack:
+                    stack[-1] += 1
+            else:
+                stack[-1] += 1
+        assert depth == 0 and max_depth <= 10
+        assert 0 <= tasks.listops_evaluate(tokens) <= 9
+
+
+def test_listops_task_lengths_labels_padding_and_determinism():
+    a = tasks.listops(min_length=20, max_length=60, num_train=50, num_test=20, seed=1)
+    b = tasks.listops(min_length=20, max_length=60, num_train=50, num_test=20, seed=1)
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
+    for split in (a.train, a.test):
+        assert torch.all((split.lengths > 20) & (split.lengths < 60))
+        real = torch.arange(split.x.shape[1])[None, :] < split.lengths[:, None]
+        assert torch.all((split.x > 0) == real)  # padding 0 exactly after the end
+        inverse = {v: k for k, v in tasks.LISTOPS_VOCAB.items()}
+        for row, length, label in zip(split.x[:5], split.lengths[:5], split.y[:5]):
+            assert tasks.listops_evaluate([inverse[int(t)] for t in row[:length]]) == int(label)
+    train_set = {tuple(r[:n].tolist()) for r, n in zip(a.train.x, a.train.lengths)}
+    assert not any(tuple(r[:n].tolist()) in train_set for r, n in zip(a.test.x, a.test.lengths))
+    assert a.num_classes == 10 and a.vocab_size == 16
+
+
+def test_mnist1d_generates_offline_and_restores_global_random_state(no_network):
+    pytest.importorskip("mnist1d")
+    state = random.getstate()
+    data = tasks.mnist1d(seed=0)
+    assert random.getstate() == state
+    assert data.train.x.shape == (4000, 40, 1) and data.test.x.shape == (1000, 40, 1)
+    assert set(data.train.y.unique().tolist()) == set(range(10))
+    again = tasks.mnist1d(seed=5)
+    assert torch.equal(data.train.x, again.train.x)  # the published data set, whatever the seed
+    long = tasks.mnist1d(upsample=2, frame=100, seed=0)
+    assert long.train.x.shape == (4000, 100, 1)
+    assert not torch.equal(long.train.x, tasks.mnist1d(upsample=2, frame=100, seed=1).train.x)
+
+
+def test_osuleaf_loads_the_shipped_files_offline(no_network):
+    pytest.importorskip("aeon")
+    data = tasks.osuleaf(seed=0)
+    assert data.train.x.shape == (200, 427, 1) and data.test.x.shape == (242, 427, 1)
+    assert data.num_classes == 6
+    assert set(data.train.y.tolist()) == set(range(6)) == set(data.test.y.tolist())
+    torch.testing.assert_close(data.train.x.mean(1), torch.zeros(200, 1), atol=1e-4, rtol=0)
+
+
+def test_unknown_task_is_rejected():
+    with pytest.raises(ValueError, match="task"):
+        tasks.make_task("imagenet", {}, 0)
+
+
+# ---------------------------------------------------------------------------- the <= 0.0.18 bug
+
+
+@pytest.mark.parametrize("length", [9, 10, 64])
+def test_bug018_sampler_equals_grid_sample_on_the_wrong_axis(length):
+    """The sequence as an (n, 1) image, positions in x, y = 0: exactly what the old version did."""
+    values = torch.randn(3, 5, length, dtype=torch.float64)
+    positions = torch.rand(3, 7, dtype=torch.float64) * (length + 6) - 3  # in and outside the sequence
+    normalized = normalize_positions(positions, length, align_corners=False)
+    grid_xy = torch.stack([normalized, torch.zeros_like(normalized)], dim=-1)[:, :, None, :]  # (b, m, 1, 2)
+    image = values[..., None]  # (b, c, n, 1): length on the height axis
+    expected = F.grid_sample(image, grid_xy, mode="bilinear", padding_mode="zeros", align_corners=False)[..., 0]
+    torch.testing.assert_close(models.bug018_sample(values, positions), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bug018_layer_uses_the_wrong_sampler_and_still_trains():
+    layer = models.Bug018DeformableAttention1D(dim=16, dim_head=8, heads=2, batch_first=True)
+    x = torch.randn(2, 32, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    # every key sees only the middle tokens: the gradient reaches other tokens only through queries
+    grouped = torch.randn(4, 8, 32)
+    samples = layer.sample_keys(grouped, torch.rand(4, 8) * 31)
+    middle = 0.5 * (grouped[..., 15] + grouped[..., 16])
+    ratio = samples / middle[..., None]
+    assert torch.all((ratio > 0.49) & (ratio <= 1.0 + 1e-6))
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("attention", models.ATTENTION_KINDS)
+@pytest.mark.parametrize("token_input", [True, False])
+def test_every_attention_kind_runs_forward_and_backward_with_padding(attention, token_input):
+    config = models.ModelConfig(attention=attention, dim=16, depth=2, heads=2, dim_head=8, window=4)
+    if token_input:
+        model = models.build_model(config, num_outputs=10, vocab_size=16)
+        x = torch.randint(1, 16, (3, 24))
+    else:
+        model = models.build_model(config, num_outputs=1, in_channels=2)
+        x = torch.randn(3, 24, 2)
+    mask = torch.ones(3, 24, dtype=torch.bool)
+    mask[1, 17:] = False
+    mask[2, 9:] = False
+    out = model(x, mask)
+    assert out.shape == ((3, 10) if token_input else (3,))
+    out.float().pow(2).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("attention", ["deformable", "downsampled", "full", "local"])
+def test_padding_does_not_change_the_prediction(attention):
+    """A sequence padded at the end gives the same output as the sequence alone (bug018 excepted)."""
+    config = models.ModelConfig(attention=attention, dim=16, depth=2, heads=2, dim_head=8, window=4)
+    model = models.build_model(config, num_outputs=10, vocab_size=16).eval()
+    tokens = torch.randint(1, 16, (1, 20))
+    padded = torch.cat([tokens, torch.zeros(1, 12, dtype=torch.long)], dim=1)
+    mask = torch.arange(32)[None, :] < 20
+    torch.testing.assert_close(model(padded, mask), model(tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_downsampled_variant_has_zero_offsets():
+    config = models.ModelConfig(attention="downsampled", dim=16, heads=2, dim_head=8)
+    layer = models.build_model(config, num_outputs=2, in_channels=1).blocks[0].attention.layer
+    _, vgrid = layer(torch.randn(2, 16, 16), return_vgrid=True)
+    torch.testing.assert_close(vgrid, torch.arange(4.0).expand_as(vgrid))
+
+
+def test_model_config_rejects_unknown_attention():
+    with pytest.raises(ValueError, match="attention"):
+        models.ModelConfig(attention="sparse")
+
+
+# ---------------------------------------------------------------------------- grid and shards
+
+
+def test_cpu_grid_has_the_main_comparison_on_every_task_and_three_seeds():
+    runs = grid.build_grid("cpu")
+    assert len({r.key for r in runs}) == len(runs)
+    for task in grid.PRESETS["cpu"]["tasks"]:
+        for variant in grid.MAIN_VARIANTS:
+            assert sorted(r.seed for r in runs if r.task == task and r.variant == variant) == [0, 1, 2]
+    assert any(r.axis == "offset_scale" for r in runs) and any(r.axis == "geometry" for r in runs)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_shards_partition_the_grid_exactly(count):
+    runs = grid.build_grid("cpu")
+    shards = [grid.shard(runs, i, count) for i in range(count)]
+    keys = [r.key for s in shards for r in s]
+    assert sorted(keys) == sorted(r.key for r in runs) and len(set(keys)) == len(keys)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert [r.key for r in grid.shard(list(reversed(runs)), 0, count)] == [r.key for r in reversed(shards[0])]
+
+
+@pytest.mark.parametrize("bad", ["2/2", "-1/2", "1/0", "a/b", "1", "1/2/3", ""])
+def test_bad_shard_specs_are_rejected(bad):
+    with pytest.raises(ValueError, match="--shard"):
+        grid.parse_shard(bad)
+
+
+def test_bad_cli_arguments_exit_with_a_clear_message(capsys):
+    from deform_attn.experiments.runner import main
+
+    for argv, expected in [
+        (["run", "--preset", "huge"], "--preset: expected one of"),
+        (["run", "--preset", "micro", "--shard", "5/2"], "--shard"),
+        (["run", "--preset", "micro", "--jobs", "2", "--shard", "0/2"], "--jobs and --shard"),
+        (["run", "--preset", "micro", "--tasks", "listops"], "--tasks"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        assert expected in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- records and the runner
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "deform_attn.experiments", *args]
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_records_are_appended_whole_and_torn_lines_are_skipped(tmp_path):
+    path = tmp_path / "r.jsonl"
+    records.append_record(path, {"key": "a", "x": 1})
+    with open(path, "ab") as handle:
+        handle.write(b'{"key": "b", "x": ')  # a torn line, as after a crash
+    records.append_record(path, {"key": "c", "x": 3})
+    records.append_record(path, {"key": "a", "x": 9})  # duplicate: the first one wins
+    with pytest.warns(UserWarning, match="not valid JSON"):
+        read = records.read_records(path)
+    assert [(r["key"], r["x"]) for r in read] == [("a", 1), ("c", 3)]
+
+
+def test_runner_micro_grid_records_and_resume(tmp_path):
+    from deform_attn.experiments.runner import main
+
+    out = tmp_path / "micro.jsonl"
+    assert main(["run", "--preset", "micro", "--out", str(out), "--quiet"]) == 0
+    lines = out.read_text().splitlines()
+    expected = grid.build_grid("micro")
+    assert len(lines) == len(expected) == 8  # 3 variants + 1 sweep point, 2 seeds
+    record = json.loads(lines[0])
+    for field in ("task", "variant", "config", "seed", "metrics", "baseline", "params", "train_time_s",
+                  "device", "torch", "git_commit", "preset", "config_hash", "key"):
+        assert field in record
+    assert math.isfinite(record["metrics"]["test_mse"])
+    assert main(["run", "--preset", "micro", "--out", str(out), "--quiet"]) == 0  # nothing left to do
+    assert out.read_text().splitlines() == lines
+
+
+def test_sigkill_mid_grid_loses_only_the_unfinished_run(tmp_path):
+    out = tmp_path / "killed.jsonl"
+    command = _cli("run", "--preset", "micro", "--out", str(out), "--quiet", "--seeds", "0", "1", "2", "3")
+    total = len(grid.build_grid("micro", seeds=[0, 1, 2, 3]))
+    process = subprocess.Popen(command, env=_environment(), cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = [json.loads(line) for line in out.read_text().splitlines()]  # every line parses
+    assert 2 <= len(before) < total, "the kill should land mid-grid"
+    subprocess.run(command, env=_environment(), cwd=tmp_path, check=True, timeout=120,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    after = [json.loads(line) for line in out.read_text().splitlines()]
+    assert after[: len(before)] == before  # finished records untouched
+    keys = [r["key"] for r in after]
+    assert len(keys) == len(set(keys)) == total
+    assert set(keys) == {r.key for r in grid.build_grid("micro", seeds=[0, 1, 2, 3])}
+
+
+def test_shard_results_merge_into_the_whole_grid(tmp_path):
+    from deform_attn.experiments.runner import main
+
+    for i in range(2):
+        assert main(["run", "--preset", "micro", "--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}.jsonl"), "--quiet"]) == 0
+    assert main(["merge", str(tmp_path / "all.jsonl"), str(tmp_path / "s0.jsonl"), str(tmp_path / "s1.jsonl"), str(tmp_path / "s0.jsonl")]) == 0
+    merged = records.read_records(tmp_path / "all.jsonl")
+    assert sorted(r["key"] for r in merged) == sorted(r.key for r in grid.build_grid("micro"))
+
+
+# ---------------------------------------------------------------------------- aggregation
+
+
+def _record(task, variant, seed, value, kind="test_accuracy"):
+    return {"preset": "p", "task": task, "variant": variant, "config_hash": variant, "seed": seed, "axis": None,
+            "attention": variant, "overrides": {}, "primary_metric": kind, "metrics": {kind: value},
+            "baseline": {kind: 0.1}, "params": 1, "train_time_s": 1.0, "device": "cpu", "torch": "x", "git_commit": None}
+
+
+def test_t_quantiles_match_tables():
+    assert results.t_quantile_975(1) == pytest.approx(12.7062, abs=1e-4)
+    assert results.t_quantile_975(2) == pytest.approx(4.3027, abs=1e-4)
+    assert results.t_quantile_975(4) == pytest.approx(2.7764, abs=1e-4)
+    assert results.t_quantile_975(40) == pytest.approx(2.0211, abs=2e-4)
+    assert results.t_quantile_975(120) == pytest.approx(1.9799, abs=2e-4)
+
+
+def test_summary_mean_and_ci_on_known_values():
+    rows = results.summarize([_record("t", "full", s, v) for s, v in enumerate([0.5, 0.6, 0.7])])
+    (row,) = rows
+    assert row["n"] == 3 and row["mean"] == pytest.approx(0.6)
+    assert row["std"] == pytest.approx(0.1)
+    assert row["ci95"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3))
+    single = results.summarize([_record("t", "full", 0, 0.5)])[0]
+    assert single["n"] == 1 and math.isnan(single["ci95"])
+
+
+def test_paired_differences_use_the_same_seeds():
+    data = [_record("t", "full", s, v) for s, v in enumerate([0.5, 0.6, 0.7, 0.9])]
+    data += [_record("t", "deformable", s, v) for s, v in enumerate([0.6, 0.8, 0.8])]  # seed 3 missing
+    (row,) = results.paired_differences(data, reference="full")
+    assert row["seeds"] == [0, 1, 2] and row["n"] == 3
+    assert row["mean"] == pytest.approx(0.4 / 3)  # differences 0.1, 0.2, 0.1
+    assert row["std"] == pytest.approx(math.sqrt(1 / 300))
+    assert row["ci95"] == pytest.approx(4.302653 * math.sqrt(1 / 300) / math.sqrt(3))
+
+
+def test_tables_dataframe_plots_and_published_results(tmp_path):
+    data = [_record("t", v, s, 0.5 + 0.1 * s + (v == "deformable") * 0.05) for v in ("full", "deformable") for s in range(3)]
+    rows = results.summarize(data)
+    text = results.format_table(rows)
+    assert "deformable" in text and "full" in text
+    pandas = pytest.importorskip("pandas")
+    frame = results.to_dataframe(rows)
+    assert isinstance(frame, pandas.DataFrame) and set(frame["variant"]) == {"full", "deformable"}
+    pytest.importorskip("matplotlib")
+    written = results.plot_all(data, tmp_path / "plots")
+    assert all(p.exists() and p.stat().st_size > 0 for p in written)
+    source = tmp_path / "r.jsonl"
+    for record in data:
+        records.append_record(source, record | {"key": f"{record['variant']}/{record['seed']}", "device_name": "x"})
+    folder = results.publish([source], "p", command="python -m deform_attn.experiments run --preset p",
+                             destination=tmp_path / "data")
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["records"] == 6 and meta["seeds"] == [0, 1, 2]
+
+
+def test_published_results_load_through_importlib_resources():
+    presets = results.published_presets()
+    assert "smoke" in presets
+    loaded, meta = results.load_published("smoke")
+    assert loaded and meta["preset"] == "smoke" and meta["records"] == len(loaded)
+    assert {r["task"] for r in loaded} == set(grid.PRESETS["smoke"]["tasks"])
+    with pytest.raises(FileNotFoundError, match="no published results"):
+        results.load_published("no-such-preset")

@@ -1,0 +1,111 @@
+"""The offset network: shapes, the bound on the offsets, and the DAT++ options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deform_attn import OffsetNetwork
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def make_network(**overrides) -> OffsetNetwork:
+    options = dict(channels=6, downsample_factor=4, kernel_size=6, offset_scale=2.5)
+    options.update(overrides)
+    return OffsetNetwork(**options)
+
+
+@pytest.mark.parametrize(
+    "batch_groups, length, downsample_factor, kernel_size",
+    [(1, 16, 4, 6), (6, 17, 4, 4), (4, 9, 3, 5), (2, 5, 1, 3), (3, 31, 2, 8)],
+)
+def test_output_shape_is_one_offset_per_cell(batch_groups, length, downsample_factor, kernel_size):
+    network = make_network(downsample_factor=downsample_factor, kernel_size=kernel_size)
+    out = network(torch.randn(batch_groups, 6, length))
+    assert out.shape == (batch_groups, length // downsample_factor)
+
+
+def _scale_up(network: OffsetNetwork, factor: float) -> OffsetNetwork:
+    with torch.no_grad():
+        network.pointwise.weight.mul_(factor)
+    return network
+
+
+def test_bounded_offsets_stay_within_offset_scale():
+    network = _scale_up(make_network(), 1e4)  # tanh saturates
+    out = network(torch.randn(8, 6, 32))
+    assert out.abs().max() <= 2.5
+    assert out.abs().max() > 2.4  # saturation reached: the bound is the scale, not something smaller
+
+
+def test_bounded_offsets_are_tanh_times_scale():
+    bounded = make_network()
+    unbounded = make_network(bounded=False)
+    unbounded.load_state_dict(bounded.state_dict())
+    x = torch.randn(3, 6, 20)
+    torch.testing.assert_close(bounded(x), torch.tanh(unbounded(x) / 2.5) * 2.5)
+
+
+def test_unbounded_offsets_exceed_offset_scale_for_large_weights():
+    network = _scale_up(make_network(bounded=False), 1e3)
+    out = network(torch.randn(8, 6, 32))
+    assert out.abs().max() > 2.5 * 10
+
+
+def test_layer_norm_option():
+    plain = make_network()
+    normed = make_network(layer_norm=True)
+    assert isinstance(normed.norm.norm, torch.nn.LayerNorm) and normed.norm.norm.normalized_shape == (6,)
+    missing, unexpected = normed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("norm.") for name in missing)
+    x = torch.randn(3, 6, 20)
+    out = normed(x)
+    assert out.shape == (3, 5) and torch.isfinite(out).all()
+    assert (out - plain(x)).abs().max() > 1e-4  # the norm is really applied
+
+    # LayerNorm over channels makes the offsets invariant to a positive scale of the depthwise conv
+    with torch.no_grad():
+        normed.depthwise.weight.mul_(7.0)
+        normed.depthwise.bias.mul_(7.0)
+    torch.testing.assert_close(normed(x), out, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel_size", [2, 3, 5, 7])
+def test_bad_kernel_size_raises(kernel_size):
+    """Smaller than the stride, or an odd difference (the padding (k - r) / 2 would not be whole)."""
+    with pytest.raises(ValueError, match="offset_kernel_size"):
+        make_network(downsample_factor=4, kernel_size=kernel_size)
+
+
+@pytest.mark.parametrize("layer_norm, bounded", [(False, True), (True, False)])
+def test_offset_network_gradcheck_fp64(layer_norm, bounded):
+    network = make_network(channels=3, layer_norm=layer_norm, bounded=bounded).double()
+    x = torch.randn(1, 3, 12, dtype=torch.float64, requires_grad=True)
+    weight = network.pointwise.weight.detach().clone().requires_grad_()
+
+    def offsets(x, weight):
+        return torch.func.functional_call(network, {"pointwise.weight": weight}, (x,))
+
+    assert torch.autograd.gradcheck(offsets, (x, weight))
+
+
+@pytest.mark.parametrize("layer_norm, bounded", [(False, True), (True, False)])
+@pytest.mark.parametrize("downsample_factor, kernel_size", [(4, 6), (3, 3), (2, 6)])
+def test_offset_network_equals_its_definition(layer_norm, bounded, downsample_factor, kernel_size):
+    """depthwise strided conv (padding (k - r) / 2) -> [LayerNorm] -> GELU -> pointwise -> [tanh] * scale."""
+    network = make_network(
+        downsample_factor=downsample_factor, kernel_size=kernel_size, layer_norm=layer_norm, bounded=bounded
+    ).double()
+    x = torch.randn(3, 6, 23, dtype=torch.float64)
+    conv = network.depthwise
+    hidden = torch.nn.functional.conv1d(
+        x, conv.weight, conv.bias, stride=downsample_factor, padding=(kernel_size - downsample_factor) // 2, groups=6
+    )
+    if layer_norm:
+        hidden = torch.nn.functional.layer_norm(
+            hidden.transpose(1, 2), (6,), network.norm.norm.weight, network.norm.norm.bias
+        ).transpose(1, 2)
+    raw = torch.einsum("bdm,d->bm", torch.nn.functional.gelu(hidden), network.pointwise.weight[0, :, 0])
+    expected = (torch.tanh(raw) if bounded else raw) * 2.5
+    torch.testing.assert_close(network(x), expected, rtol=1e-12, atol=1e-12)

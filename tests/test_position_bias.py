@@ -1,0 +1,311 @@
+"""Continuous position bias: the exact piecewise-linear path equals the plain MLP.
+
+The fast path is only worth having if it is exact, so it is compared with the MLP in values and in
+gradients wrt the distance and every parameter, on fresh, scaled-up and trained weights, and on the
+edge cases where kink finding could go wrong: units with no kink, tied kinks, dead units, inputs
+exactly at a kink and very large inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import max_relative_error
+
+from deform_attn import ContinuousPositionBias, piecewise_linear_table, signed_log_distance
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+VALUE_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+GRAD_TOL = {torch.float32: 1e-4, torch.float64: 1e-8}
+
+_TRAINED: dict[tuple, ContinuousPositionBias] = {}
+
+
+def _fit(cpb: ContinuousPositionBias, steps: int = 300) -> ContinuousPositionBias:
+    """A few hundred Adam steps towards a wiggly target: weights with many kinks in range."""
+    generator = torch.Generator().manual_seed(1)
+    t = torch.linspace(-4, 4, 256)[:, None]
+    target = torch.sin(3 * t) + 0.3 * t**2 + 0.1 * torch.randn(256, cpb.linears[-1].out_features, generator=generator)
+    optimizer = torch.optim.Adam(cpb.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = (cpb.mlp(t) - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+    return cpb
+
+
+def make_cpb(kind: str, *, hidden_dim=16, num_outputs=1, depth=2, log_distance=True, dtype=torch.float64):
+    """A fast CPB with weights of the given ``kind``: 'init', 'scaled' (many kinks) or 'trained'."""
+    key = (kind, hidden_dim, num_outputs, depth, log_distance)
+    if kind == "trained":
+        if key not in _TRAINED:
+            torch.manual_seed(2)
+            cpb = ContinuousPositionBias(
+                hidden_dim=hidden_dim, num_outputs=num_outputs, depth=depth, log_distance=log_distance
+            )
+            _TRAINED[key] = _fit(cpb)
+        return copy.deepcopy(_TRAINED[key]).to(dtype)
+    cpb = ContinuousPositionBias(hidden_dim=hidden_dim, num_outputs=num_outputs, depth=depth, log_distance=log_distance)
+    if kind == "scaled":
+        with torch.no_grad():
+            for layer in cpb.linears:
+                layer.weight.mul_(4.0)
+                layer.bias.mul_(4.0)
+    return cpb.to(dtype)
+
+
+def reference_copy(cpb: ContinuousPositionBias) -> ContinuousPositionBias:
+    plain = copy.deepcopy(cpb)
+    plain.fast = False
+    return plain
+
+
+def values_and_grads(cpb, distance, cotangent):
+    distance = distance.detach().clone().requires_grad_()
+    out = cpb(distance)
+    inputs = [distance, *cpb.parameters()]
+    grads = torch.autograd.grad((out * cotangent).sum(), inputs, allow_unused=True)
+    return out, [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def assert_fast_equals_mlp(cpb, distance, *, check_grads=True):
+    """Values to VALUE_TOL and gradients to GRAD_TOL, both relative to the reference's scale."""
+    assert cpb.fast
+    dtype = cpb.linears[0].weight.dtype
+    plain = reference_copy(cpb)
+    cotangent = torch.randn(*distance.shape, cpb.linears[-1].out_features, dtype=dtype)
+    fast_out, fast_grads = values_and_grads(cpb, distance, cotangent)
+    ref_out, ref_grads = values_and_grads(plain, distance, cotangent)
+    assert fast_out.shape == ref_out.shape == (*distance.shape, cpb.linears[-1].out_features)
+    assert max_relative_error(fast_out, ref_out) < VALUE_TOL[dtype]
+    if check_grads:
+        names = ["distance", *(name for name, _ in cpb.named_parameters())]
+        for name, fast, ref in zip(names, fast_grads, ref_grads):
+            if ref.abs().max() == 0:
+                assert fast.abs().max() == 0, name
+            else:
+                assert max_relative_error(fast, ref) < GRAD_TOL[dtype], name
+
+
+def random_distances(log_distance: bool, dtype, shape=(7, 33)):
+    # log on: distances over tens of cells (t within about +-4); log off: t over the same range
+    spread = 50.0 if log_distance else 4.0
+    return (2 * torch.rand(*shape, dtype=dtype) - 1) * spread
+
+
+@pytest.mark.parametrize("kind", ["init", "scaled", "trained"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("log_distance", [True, False], ids=["log", "linear"])
+@pytest.mark.parametrize("num_outputs", [1, 3])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_fast_equals_mlp(kind, dtype, log_distance, num_outputs, depth):
+    cpb = make_cpb(kind, num_outputs=num_outputs, depth=depth, log_distance=log_distance, dtype=dtype)
+    assert_fast_equals_mlp(cpb, random_distances(log_distance, dtype))
+
+
+def test_trained_weights_have_many_kinks_in_range():
+    """Guards the 'trained' cases above: they must exercise many intervals, not one or two."""
+    cpb = make_cpb("trained", depth=2)
+    kinks, _, _ = cpb.table(torch.float64)
+    assert ((kinks > -4) & (kinks < 4)).sum() >= 10
+
+
+def test_zero_first_layer_weights_give_no_kink():
+    """A unit with zero input weight is a constant: it must not add a kink (no division by zero)."""
+    cpb = make_cpb("init", depth=1, hidden_dim=8, log_distance=False)
+    with torch.no_grad():
+        cpb.linears[0].weight[::2] = 0.0
+    kinks, _, _ = cpb.table(torch.float64)
+    weight, bias = cpb.linears[0].weight[:, 0], cpb.linears[0].bias
+    expected = torch.unique(-bias[weight != 0] / weight[weight != 0])
+    torch.testing.assert_close(kinks, expected)
+    assert_fast_equals_mlp(cpb, random_distances(False, torch.float64))
+
+    deeper = make_cpb("scaled", depth=2, hidden_dim=8)
+    with torch.no_grad():
+        deeper.linears[0].weight[:5] = 0.0
+    assert_fast_equals_mlp(deeper, random_distances(True, torch.float64))
+
+
+def test_duplicated_units_give_tied_kinks():
+    cpb = make_cpb("init", depth=1, hidden_dim=8, log_distance=False)
+    with torch.no_grad():
+        cpb.linears[0].weight[1:4] = cpb.linears[0].weight[0]
+        cpb.linears[0].bias[1:4] = cpb.linears[0].bias[0]
+    kinks, slopes, intercepts = cpb.table(torch.float64)
+    assert kinks.numel() == 8 - 3  # four units share one kink
+    assert torch.all(kinks[1:] > kinks[:-1])
+    assert slopes.shape == intercepts.shape == (kinks.numel() + 1, 1)
+    assert_fast_equals_mlp(cpb, random_distances(False, torch.float64))
+
+    deeper = make_cpb("scaled", depth=2, hidden_dim=6)
+    with torch.no_grad():
+        deeper.linears[0].weight[3:] = deeper.linears[0].weight[:3]
+        deeper.linears[0].bias[3:] = deeper.linears[0].bias[:3]
+        deeper.linears[1].weight[3:] = deeper.linears[1].weight[:3]  # tied second-layer units too
+        deeper.linears[1].bias[3:] = deeper.linears[1].bias[:3]
+    assert_fast_equals_mlp(deeper, random_distances(True, torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_dead_units(dtype):
+    cpb = make_cpb("scaled", depth=2, hidden_dim=6, num_outputs=2, dtype=dtype)
+    with torch.no_grad():
+        cpb.linears[0].weight[:2] = 0.0  # first-layer units that never fire
+        cpb.linears[0].bias[:2] = -1.0
+        cpb.linears[1].weight[2:4] = 0.0  # second-layer units that never fire
+        cpb.linears[1].bias[2:4] = -1.0
+    assert_fast_equals_mlp(cpb, random_distances(True, dtype))
+
+    with torch.no_grad():  # every second-layer unit dead: the bias is the output layer's bias
+        cpb.linears[1].weight.zero_()
+        cpb.linears[1].bias.fill_(-1.0)
+    _, slopes, _ = cpb.table(dtype)
+    assert slopes.abs().max() == 0
+    distance = random_distances(True, dtype)
+    torch.testing.assert_close(cpb(distance), cpb.linears[-1].bias.expand(*distance.shape, 2).detach())
+    assert_fast_equals_mlp(cpb, distance)
+
+
+@pytest.mark.parametrize("kind", ["init", "scaled", "trained"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_inputs_exactly_at_kinks(kind, dtype):
+    """Values are continuous across a kink, so both paths agree there (gradients are one-sided)."""
+    cpb = make_cpb(kind, depth=2, num_outputs=2, log_distance=False, dtype=dtype)
+    kinks, _, _ = cpb.table(dtype)
+    assert kinks.numel() > 0
+    assert_fast_equals_mlp(cpb, kinks.clone(), check_grads=False)
+
+
+def test_gradient_at_a_kink_is_the_left_slope():
+    """Row i of the table covers (kinks[i-1], kinks[i]]: at a kink the slope of the left piece applies."""
+    cpb = make_cpb("scaled", depth=2, hidden_dim=6, log_distance=False)
+    kinks, slopes, _ = cpb.table(torch.float64)
+    t = kinks.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(cpb(t).sum(), t)
+    torch.testing.assert_close(grad, slopes[:-1, 0])
+    step = 1e-7 * (kinks[1:] - kinks[:-1]).min().item()
+    left_derivative = (cpb.mlp(kinks[:, None]) - cpb.mlp((kinks - step)[:, None]))[:, 0] / step
+    torch.testing.assert_close(grad, left_derivative.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_very_large_inputs(dtype):
+    linear = make_cpb("trained", depth=2, num_outputs=2, log_distance=False, dtype=dtype)
+    big = torch.tensor([-1e7, -1e5, -1e3, -100.0, 100.0, 1e3, 1e5, 1e7], dtype=dtype)
+    assert_fast_equals_mlp(linear, big)
+    logged = make_cpb("trained", depth=2, num_outputs=2, log_distance=True, dtype=dtype)
+    huge = torch.tensor([-1e30, -1e12, 1e12, 1e30], dtype=dtype)
+    assert_fast_equals_mlp(logged, huge)
+
+
+@pytest.mark.parametrize(
+    "hidden_dim, kind",
+    [(h, kind) for h in (1, 2, 3, 5, 8, 16) for kind in ("init", "scaled")] + [(16, "trained")],
+)
+def test_kink_count_bound_depth_2(hidden_dim, kind):
+    """h kinks from the first layer; each second-layer unit is linear on h + 1 pieces, so crosses zero
+    at most h + 1 times."""
+    cpb = make_cpb(kind, hidden_dim=hidden_dim, depth=2)
+    kinks, slopes, intercepts = cpb.table(torch.float64)
+    assert kinks.numel() <= hidden_dim + hidden_dim * (hidden_dim + 1)
+    assert torch.all(kinks[1:] > kinks[:-1])
+    assert slopes.shape[0] == intercepts.shape[0] == kinks.numel() + 1
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["init", "scaled", "trained"])
+def test_piecewise_linear_table_reproduces_mlp(depth, kind):
+    cpb = make_cpb(kind, depth=depth, num_outputs=3, log_distance=False)
+    kinks, slopes, intercepts = piecewise_linear_table(list(cpb.linears), torch.float64)
+    t = torch.empty(2000, dtype=torch.float64).uniform_(-6, 6)
+    interval = torch.searchsorted(kinks, t)
+    from_table = slopes[interval] * t[:, None] + intercepts[interval]
+    assert max_relative_error(from_table, cpb.mlp(t[:, None])) < 1e-12
+    # between two consecutive kinks the MLP really is one affine map: check a second point per interval
+    if kinks.numel() > 1:
+        inner = kinks[:-1] + 0.3 * (kinks[1:] - kinks[:-1])
+        piece = torch.arange(1, kinks.numel())
+        torch.testing.assert_close(
+            slopes[piece] * inner[:, None] + intercepts[piece], cpb.mlp(inner[:, None]).detach()
+        )
+
+
+def test_table_argument_is_reused():
+    cpb = make_cpb("trained", depth=2, num_outputs=3)
+    distance = random_distances(True, torch.float64)
+    table = cpb.table(torch.float64)
+    torch.testing.assert_close(cpb(distance, table), cpb(distance), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_outputs", [1, 2])
+def test_fast_position_bias_gradcheck_fp64(num_outputs):
+    """Gradients wrt the distance and every parameter (away from kinks: the MLP is piecewise linear)."""
+    cpb = make_cpb("scaled", hidden_dim=4, depth=2, num_outputs=num_outputs)
+    names = [name for name, _ in cpb.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in cpb.parameters()]
+    distance = random_distances(True, torch.float64, shape=(3, 5)).requires_grad_()
+
+    def bias(distance, *params):
+        return torch.func.functional_call(cpb, dict(zip(names, params)), (distance,))
+
+    assert torch.autograd.gradcheck(bias, (distance, *params))
+
+
+def test_signed_log_distance():
+    d = torch.tensor([-10.0, -1.0, -0.5, 0.0, 0.5, 1.0, 10.0], dtype=torch.float64)
+    expected = torch.tensor([-11.0, -2.0, -1.5, 1.0, 1.5, 2.0, 11.0], dtype=torch.float64).abs().log()
+    torch.testing.assert_close(signed_log_distance(d), torch.sign(d) * expected)
+    torch.testing.assert_close(signed_log_distance(-d), -signed_log_distance(d))
+
+
+def test_reference_path_is_the_plain_mlp():
+    """fast=False runs Linear -> ReLU -> Linear -> ReLU -> Linear on every (log-scaled) distance."""
+    cpb = ContinuousPositionBias(hidden_dim=5, num_outputs=2, depth=2, fast=False).double()
+    d = random_distances(True, torch.float64, shape=(4, 6))
+    a, b, c = cpb.linears
+    t = signed_log_distance(d)[..., None]
+    expected = c(torch.relu(b(torch.relu(a(t)))))
+    torch.testing.assert_close(cpb(d), expected, rtol=0, atol=0)
+
+
+def test_gradient_at_zero_distance_is_the_derivative_in_both_paths():
+    """sign(d) log(1 + |d|) has derivative 1 at d = 0; both paths must use it (and so agree).
+
+    Exact zeros occur in the layer: a query on a key's sample position, e.g. odd r and zero offsets.
+    """
+    cpb = make_cpb("scaled", depth=2, num_outputs=2, log_distance=True)
+    zero = torch.zeros(1, dtype=torch.float64)
+    step = 1e-6
+    derivative = ((cpb.mlp(torch.full((1, 1), step, dtype=torch.float64))
+                   - cpb.mlp(torch.full((1, 1), -step, dtype=torch.float64))) / (2 * step)).sum().detach()
+    assert derivative.abs() > 1e-3  # otherwise the check below is vacuous
+    grads = {}
+    for name, module in (("fast", cpb), ("mlp", reference_copy(cpb))):
+        d = zero.clone().requires_grad_()
+        (grads[name],) = torch.autograd.grad(module(d).sum(), d)
+    torch.testing.assert_close(grads["fast"][0], derivative, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grads["mlp"][0], derivative, rtol=1e-6, atol=1e-9)
+
+
+def test_second_derivatives_are_exact_or_refused():
+    """Double backward (gradient penalties, Hessian-vector products) through the fast path must
+    match finite differences, or refuse loudly; silently wrong second derivatives are the failure."""
+    cpb = make_cpb("scaled", hidden_dim=4, depth=2, num_outputs=2)
+    names = [name for name, _ in cpb.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in cpb.parameters()]
+    distance = random_distances(True, torch.float64, shape=(5,)).requires_grad_()
+
+    def bias(distance, *params):
+        return torch.func.functional_call(cpb, dict(zip(names, params)), (distance,))
+
+    try:
+        exact = torch.autograd.gradgradcheck(bias, (distance, *params), raise_exception=False)
+    except RuntimeError as error:
+        assert "twice" in str(error)  # @once_differentiable's refusal
+        return
+    assert exact
