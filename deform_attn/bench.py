@@ -147,8 +147,10 @@ class FullAttention1D(nn.Module):
         self.to_out = nn.Conv1d(inner_dim, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        # shape: (b, h d, n) -> (b, h, n, d)
-        q, k, v = (rearrange(f(x), "b (h d) n -> b h n d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
+        # shape: (b, h d, n) -> (b, h, n, d); contiguous, or CPU SDPA runs ~3x slower
+        q, k, v = (
+            rearrange(f(x), "b (h d) n -> b h n d", h=self.heads).contiguous() for f in (self.to_q, self.to_k, self.to_v)
+        )
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(rearrange(out, "b h n d -> b (h d) n"))
 
