@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch
-	$(BIN)/python -m pip install -q -e ".[test,book,bench]"
+	$(BIN)/python -m pip install -q -e ".[test,book,bench,experiments]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,0 +1,197 @@
+"""The ablation grid: presets, variants, run keys and sharding.
+
+A run is (task, task parameters, variant, model config, train config, seed). Its key is
+``task/variant/config-hash/seed``, where the hash covers everything but the seed, so a rerun with the
+same settings finds the finished record and a changed setting is a new run.
+
+Variants: the main comparison (``deformable``, ``downsampled`` = offsets off, ``full``, ``bug018``)
+runs on every task; the axes sweeps vary one argument of the deformable layer at a time on the
+preset's sweep tasks. The sweep's default point is the main ``deformable`` run itself (same key),
+so it is trained once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .models import ModelConfig
+from .train import TrainConfig
+
+__all__ = ["Run", "PRESETS", "MAIN_VARIANTS", "AXES", "build_grid", "parse_shard", "shard", "config_hash"]
+
+MAIN_VARIANTS: tuple[str, ...] = ("deformable", "downsampled", "full", "bug018")
+
+# axis name -> (model config field(s), values); each value is a dict of overrides of the deformable config
+AXES: dict[str, list[dict[str, Any]]] = {
+    "offset_scale": [{"offset_scale": s} for s in (0.5, 1.0, 2.0, 8.0)],
+    "downsample_factor": [{"downsample_factor": r} for r in (2, 8)],
+    "offset_groups": [{"offset_groups": g} for g in (1, 2)],
+    "position_bias": [{"position_bias": "none"}, {"cpb_log_distance": False}],
+    "geometry": [{"geometry": "lucidrains"}],
+}
+
+
+def variant_name(attention: str, overrides: dict[str, Any]) -> str:
+    """``deformable`` or e.g. ``deformable[offset_scale=2.0]``."""
+    if not overrides:
+        return attention
+    return attention + "[" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + "]"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the grid."""
+
+    task: str
+    task_params: tuple[tuple[str, Any], ...]
+    variant: str
+    overrides: tuple[tuple[str, Any], ...]
+    axis: str | None
+    model: ModelConfig
+    train: TrainConfig
+    seed: int
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"task_params": dict(self.task_params), "model": self.model.to_dict(), "train": self.train.to_dict()}
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.variant}/{self.config_hash}/{self.seed}"
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """12 hex digits of the SHA-256 of the canonical JSON of ``config``."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+# Presets. 'micro' exists for the tests (seconds); 'smoke' is the CI run; 'cpu' is the whole grid
+# sized for a 2-core CPU in 45 minutes (two 1-thread workers); 'gpu' is the longer setting.
+PRESETS: dict[str, dict[str, Any]] = {
+    "micro": {
+        "threads": 1,
+        "seeds": [0, 1],
+        "model": {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "mlp_ratio": 1},
+        "tasks": {
+            "adding": {"params": {"length": 32, "num_train": 64, "num_test": 32}, "train": {"steps": 3, "batch_size": 8, "warmup": 1}},
+        },
+        "variants": ["deformable", "full", "downsampled"],
+        "sweeps": {"adding": ["offset_scale"]},
+        "sweep_values": {"offset_scale": [{"offset_scale": 1.0}]},
+    },
+    "smoke": {
+        "threads": 1,
+        "seeds": [0],
+        "model": {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "mlp_ratio": 2},
+        "tasks": {
+            "adding": {"params": {"length": 64, "num_train": 256, "num_test": 128}, "train": {"steps": 20, "batch_size": 16, "warmup": 4}},
+            "listops": {"params": {"min_length": 16, "max_length": 64, "num_train": 256, "num_test": 64}, "train": {"steps": 20, "batch_size": 16, "warmup": 4}},
+            "mnist1d": {"params": {}, "train": {"steps": 20, "batch_size": 16, "warmup": 4}},
+            "mnist1d_long": {"params": {"upsample": 2, "frame": 120}, "train": {"steps": 10, "batch_size": 16, "warmup": 2}},
+            "osuleaf": {"params": {}, "train": {"steps": 5, "batch_size": 8, "warmup": 1}},
+        },
+        "variants": list(MAIN_VARIANTS) + ["local"],
+        "sweeps": {"mnist1d": list(AXES)},
+        "sweep_values": {axis: values[:1] for axis, values in AXES.items()},
+    },
+    "cpu": {
+        "threads": 1,
+        "seeds": [0, 1, 2],
+        "model": {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8, "mlp_ratio": 2},
+        "tasks": {
+            "adding": {"params": {"length": 200, "num_train": 8000, "num_test": 500}, "train": {"steps": 300, "batch_size": 16, "warmup": 30}},
+            "listops": {"params": {"min_length": 64, "max_length": 192, "num_train": 8000, "num_test": 500}, "train": {"steps": 300, "batch_size": 16, "warmup": 30}},
+            "mnist1d": {"params": {}, "train": {"steps": 500, "batch_size": 32, "warmup": 50}},
+            "mnist1d_long": {"params": {"upsample": 2, "frame": 160}, "train": {"steps": 300, "batch_size": 16, "warmup": 30}},
+            "osuleaf": {"params": {}, "train": {"steps": 150, "batch_size": 16, "warmup": 15}},
+        },
+        "variants": list(MAIN_VARIANTS),
+        "sweeps": {"mnist1d": list(AXES), "adding": ["offset_scale", "geometry"]},
+    },
+    "gpu": {
+        "seeds": [0, 1, 2, 3, 4],
+        "model": {"dim": 128, "depth": 4, "heads": 8, "dim_head": 16, "mlp_ratio": 2},
+        "tasks": {
+            "adding": {"params": {"length": 1000, "num_train": 50_000, "num_test": 2000}, "train": {"steps": 10_000, "batch_size": 64, "warmup": 500, "amp": "bf16"}},
+            "listops": {"params": {"min_length": 500, "max_length": 2000, "num_train": 96_000, "num_test": 2000}, "train": {"steps": 10_000, "batch_size": 32, "lr": 5e-4, "warmup": 1000, "amp": "bf16"}},
+            "mnist1d": {"params": {}, "train": {"steps": 5000, "batch_size": 64, "warmup": 250, "amp": "bf16"}},
+            "mnist1d_long": {"params": {"upsample": 8, "frame": 640}, "train": {"steps": 5000, "batch_size": 64, "warmup": 250, "amp": "bf16"}},
+            "osuleaf": {"params": {}, "train": {"steps": 2000, "batch_size": 16, "warmup": 100, "amp": "bf16"}},
+        },
+        "variants": list(MAIN_VARIANTS) + ["local"],
+        "sweeps": {"mnist1d_long": list(AXES), "adding": list(AXES)},
+    },
+}
+
+
+def build_grid(preset: str, *, seeds: list[int] | None = None, tasks: list[str] | None = None) -> list[Run]:
+    """Every run of ``preset`` in a fixed order (task, seed, variant), without duplicates.
+
+    Args:
+        preset: a key of :data:`PRESETS`.
+        seeds: replace the preset's seeds.
+        tasks: restrict to these tasks (each must be in the preset).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    spec = PRESETS[preset]
+    chosen = list(spec["tasks"])
+    if tasks is not None:
+        unknown = [t for t in tasks if t not in spec["tasks"]]
+        if unknown:
+            raise ValueError(f"--tasks: {unknown} not in preset {preset!r}; expected some of {chosen}")
+        chosen = [t for t in chosen if t in tasks]
+    seeds = list(spec["seeds"]) if seeds is None else seeds
+    base_model = ModelConfig(**spec["model"])
+    sweep_values = {**AXES, **spec.get("sweep_values", {})}
+    runs: list[Run] = []
+    seen: set[str] = set()
+    for task in chosen:
+        task_spec = spec["tasks"][task]
+        train = TrainConfig(**task_spec["train"])
+        params = tuple(sorted(task_spec["params"].items()))
+        variants: list[tuple[str, dict[str, Any], str | None]] = [(v, {}, None) for v in spec["variants"]]
+        for axis in spec.get("sweeps", {}).get(task, []):
+            variants += [("deformable", overrides, axis) for overrides in sweep_values[axis]]
+        for seed in seeds:
+            for attention, overrides, axis in variants:
+                model = replace(base_model, attention=attention, **overrides)
+                run = Run(task, params, variant_name(attention, overrides), tuple(sorted(overrides.items())), axis, model, train, seed)
+                if run.key not in seen:
+                    seen.add(run.key)
+                    runs.append(run)
+    return runs
+
+
+_SHARD = re.compile(r"^(\d+)/(\d+)$")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N) with 0 <= i < N (0-based, as ``$SLURM_ARRAY_TASK_ID/N`` with ``--array=0-(N-1)``)."""
+    match = _SHARD.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"--shard: expected 'i/N' with integers 0 <= i < N (e.g. 0/4), got {text!r}")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard: expected 0 <= i < N and N >= 1, got {text!r}")
+    return index, count
+
+
+def shard(runs: list[Run], index: int, count: int) -> list[Run]:
+    """Shard ``index`` of ``count``: runs whose position in key order is ``index`` modulo ``count``.
+
+    Sorting by key makes the partition independent of the order the grid was built in; dealing the
+    runs round-robin spreads the expensive tasks over the shards. The shard keeps the grid's order.
+    """
+    ordered = sorted(runs, key=lambda r: r.key)
+    mine = {run.key for position, run in enumerate(ordered) if position % count == index}
+    return [run for run in runs if run.key in mine]  # grid order, so a task's data is built once

@@ -1,0 +1,278 @@
+"""The ablation runner: ``python -m deform_attn.experiments``.
+
+Commands::
+
+    run        train the grid of a preset (resumable, shardable), one JSON line per finished run
+    list       print the runs of a preset (or of one shard) without training
+    merge      merge result files (e.g. one per shard) into one, dropping duplicates
+    summarize  mean +- 95% CI per task and variant, paired differences, optional plots
+    publish    copy merged results and a meta.json into the package's data/<preset>/
+
+Examples::
+
+    python -m deform_attn.experiments run --preset smoke
+    python -m deform_attn.experiments run --preset cpu --jobs 2
+    python -m deform_attn.experiments run --preset gpu --shard $SLURM_ARRAY_TASK_ID/8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "run_grid", "git_commit"]
+
+DEFAULT_RESULTS_DIR = Path("results")
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout the package is imported from, with ``-dirty`` if modified; None if unknown."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "") if commit else None
+
+
+def _default_output(preset: str, shard_spec: str | None) -> Path:
+    name = "results.jsonl" if shard_spec is None else "results-shard{}of{}.jsonl".format(*shard_spec.split("/"))
+    return DEFAULT_RESULTS_DIR / preset / name
+
+
+def run_grid(
+    preset: str,
+    output: Path,
+    *,
+    shard_spec: str | None = None,
+    seeds: list[int] | None = None,
+    tasks: list[str] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, int]:
+    """Train every unfinished run of ``preset`` (this shard's part) and append one record per run."""
+    import torch
+
+    from .grid import build_grid, parse_shard, shard
+    from .records import append_record, finished_keys
+    from .tasks import make_task
+    from .train import resolve_device, train_and_evaluate
+
+    runs = build_grid(preset, seeds=seeds, tasks=tasks)
+    if shard_spec is not None:
+        runs = shard(runs, *parse_shard(shard_spec))
+    target = resolve_device(device)
+    done = finished_keys(output) if output.exists() else set()
+    todo = [run for run in runs if run.key not in done]
+    environment = {
+        "device": str(target),
+        "device_name": torch.cuda.get_device_name(target) if target.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+    }
+    iterator: Any = todo
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(todo, desc=f"{preset}{'' if shard_spec is None else ' shard ' + shard_spec}", unit="run")
+    cache_key, data = None, None
+    failed = 0
+    for run in iterator:
+        if progress:
+            iterator.set_postfix_str(f"{run.task} {run.variant} seed {run.seed}")
+        if cache_key != (run.task, run.task_params, run.seed):
+            cache_key, data = (run.task, run.task_params, run.seed), None
+            data = make_task(run.task, dict(run.task_params), run.seed)
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
+        result = train_and_evaluate(data, run.model, run.train, seed=run.seed, device=target, progress=False)
+        primary = "test_mse" if data.kind == "regression" else "test_accuracy"
+        record = {
+            "schema": 1,
+            "key": run.key,
+            "preset": preset,
+            "task": run.task,
+            "task_kind": data.kind,
+            "variant": run.variant,
+            "attention": run.model.attention,
+            "axis": run.axis,
+            "overrides": dict(run.overrides),
+            "config_hash": run.config_hash,
+            "config": run.config,
+            "seed": run.seed,
+            "primary_metric": primary,
+            "higher_is_better": primary != "test_mse",
+            "metrics": result["metrics"],
+            "finite": result["finite"],
+            "baseline": data.baseline,
+            "reference": data.reference,
+            "sequence_length": data.max_length,
+            "num_train": len(data.train),
+            "num_test": len(data.test),
+            "params": result["params"],
+            "train_time_s": result["train_time_s"],
+            "eval_time_s": result["eval_time_s"],
+            "run_wall_s": time.perf_counter() - wall_start,
+            "run_cpu_s": time.process_time() - cpu_start,
+            "amp": result["amp_used"],
+            **environment,
+            "shard": shard_spec,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        failed += not result["finite"]
+        append_record(output, record)
+    return {"grid": len(runs), "skipped": len(runs) - len(todo), "trained": len(todo), "non_finite": failed}
+
+
+def _run_jobs(args: argparse.Namespace, output: Path) -> int:
+    """``--jobs J``: J worker processes, shard j/J each, one torch thread each, one shared output file."""
+    workers = []
+    for j in range(args.jobs):
+        command = [sys.executable, "-m", "deform_attn.experiments", "run", "--preset", args.preset,
+                   "--shard", f"{j}/{args.jobs}", "--out", str(output), "--device", args.device, "--threads", "1"]
+        if args.seeds is not None:
+            command += ["--seeds", *map(str, args.seeds)]
+        if args.tasks is not None:
+            command += ["--tasks", *args.tasks]
+        if j > 0 or args.quiet:
+            command.append("--quiet")
+        workers.append(subprocess.Popen(command))
+    codes = [worker.wait() for worker in workers]
+    return max(codes)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from .grid import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m deform_attn.experiments", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_grid_arguments(sub):
+        sub.add_argument("--preset", required=True, help=f"one of {', '.join(PRESETS)}")
+        sub.add_argument("--shard", default=None, help="i/N: run only shard i (0-based) of N")
+        sub.add_argument("--seeds", type=int, nargs="+", default=None, help="replace the preset's seeds")
+        sub.add_argument("--tasks", nargs="+", default=None, help="restrict to these tasks")
+
+    run = commands.add_parser("run", help="train the grid (resumable)")
+    add_grid_arguments(run)
+    run.add_argument("--out", type=Path, default=None, help="results JSONL (default results/<preset>/results[-shard].jsonl)")
+    run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:i]")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 thread each) on this machine")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    listing = commands.add_parser("list", help="print the runs without training")
+    add_grid_arguments(listing)
+
+    merge = commands.add_parser("merge", help="merge result files, dropping duplicates")
+    merge.add_argument("output", type=Path)
+    merge.add_argument("inputs", type=Path, nargs="+")
+
+    summarize = commands.add_parser("summarize", help="tables (and plots) of result files")
+    summarize.add_argument("inputs", type=Path, nargs="+")
+    summarize.add_argument("--reference", default="full", help="variant the paired differences are taken against")
+    summarize.add_argument("--plots", type=Path, default=None, help="write one PNG per task and per sweep here")
+
+    publish = commands.add_parser("publish", help="ship results inside the package as data/<preset>/")
+    publish.add_argument("--preset", required=True)
+    publish.add_argument("--command", dest="recorded_command", required=True, help="the command that produced the results")
+    publish.add_argument("inputs", type=Path, nargs="+")
+
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "preset", None) is not None and args.preset not in PRESETS:
+            raise ValueError(f"--preset: expected one of {sorted(PRESETS)}, got {args.preset!r}")
+        if getattr(args, "shard", None) is not None:
+            from .grid import parse_shard
+
+            parse_shard(args.shard)
+        if args.command == "run":
+            if args.jobs < 1:
+                raise ValueError(f"--jobs: expected a positive integer, got {args.jobs}")
+            if args.jobs > 1 and args.shard is not None:
+                raise ValueError("--jobs and --shard: give one of them (--jobs deals shards to local workers)")
+            if args.threads is not None and args.threads < 1:
+                raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
+            from .train import resolve_device
+
+            resolve_device(args.device)
+        if getattr(args, "tasks", None) is not None:
+            from .grid import build_grid
+
+            build_grid(args.preset, tasks=args.tasks)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.command == "list":
+        from .grid import build_grid, parse_shard, shard
+
+        runs = build_grid(args.preset, seeds=args.seeds, tasks=args.tasks)
+        if args.shard:
+            runs = shard(runs, *parse_shard(args.shard))
+        for run in runs:
+            print(run.key)
+        print(f"{len(runs)} runs", file=sys.stderr)
+        return 0
+    if args.command == "run":
+        output = args.out or _default_output(args.preset, args.shard)
+        if args.jobs > 1:
+            start = time.perf_counter()
+            code = _run_jobs(args, output)
+            print(f"{args.preset}: {args.jobs} workers finished in {time.perf_counter() - start:.0f} s -> {output}")
+            return code
+        from .grid import PRESETS
+
+        threads = args.threads if args.threads is not None else PRESETS[args.preset].get("threads")
+        if threads is not None:  # small models gain nothing from intra-op threads; they only contend
+            import torch
+
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        counts = run_grid(args.preset, output, shard_spec=args.shard, seeds=args.seeds, tasks=args.tasks,
+                          device=args.device, progress=not args.quiet)
+        print(f"{args.preset}: {counts} in {time.perf_counter() - start:.0f} s -> {output}")
+        return 1 if counts["non_finite"] else 0
+    if args.command == "merge":
+        from .records import merge_records
+
+        print(f"{merge_records(args.inputs, args.output)} records -> {args.output}")
+        return 0
+    if args.command == "summarize":
+        from .records import read_records
+        from .results import format_table, paired_differences, plot_all, summarize
+
+        records = read_records(args.inputs)
+        print(format_table(summarize(records)))
+        print()
+        print(format_table(paired_differences(records, reference=args.reference)))
+        if args.plots is not None:
+            for path in plot_all(records, args.plots):
+                print(path)
+        return 0
+    if args.command == "publish":
+        from .results import publish
+
+        print(publish(args.inputs, args.preset, command=args.recorded_command))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
