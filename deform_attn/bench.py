@@ -741,8 +741,11 @@ def _run(args: argparse.Namespace, command: str) -> int:
     parity_key = {"device": args.device, "dim": args.dim, "heads": args.heads, "dim_head": args.dim_head,
                   "downsample": args.downsample, "batch": args.batch, "n": n0}
     previous = meta.get("parity", {})
-    if previous.get("status") == "ok" and previous.get("layer") == parity_key and not args.force:
-        pass  # measured by an earlier run into this folder with the same layer and input
+    same_layer = {k: v for k, v in previous.get("layer", {}).items() if k != "n"} == {
+        k: v for k, v in parity_key.items() if k != "n"
+    }
+    if previous.get("status") == "ok" and same_layer and not args.force:
+        pass  # measured by an earlier run into this folder with the same layer (at its smallest length)
     elif not lucidrains:
         meta["parity"] = {"status": "skipped", "reason": "deformable-attention is not installed", "n": n0}
     elif lucidrains_peak_bytes(length=n0, dim=args.dim, heads=args.heads, downsample=args.downsample,
