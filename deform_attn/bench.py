@@ -756,7 +756,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
     parity = meta["parity"]
     if parity.get("status") == "ok":
         verdict = "ok" if parity["passed"] else f"FAILED (tolerance {PARITY_TOLERANCE:g})"
-        print(f"parity b vs a at n = {n0}: max |diff| = {parity['max_abs_diff']:.3g}  {verdict}", flush=True)
+        print(f"parity b vs a at n = {parity.get('n', n0)}: max |diff| = {parity['max_abs_diff']:.3g}  {verdict}", flush=True)
     else:
         print(f"parity b vs a at n = {n0}: {parity.get('status')} ({parity.get('reason')})", flush=True)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
