@@ -21,7 +21,7 @@ position bias on top, as the layer does).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..attention import DeformableAttention1D
 from ..geometry import normalize_positions
+from .config import RecordedConfig
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -47,7 +48,7 @@ DEFORMABLE_KINDS: tuple[str, ...] = ("deformable", "downsampled", "bug018")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(RecordedConfig):
     """Everything that defines a model; stored in every result record.
 
     Args:
@@ -83,17 +84,6 @@ class ModelConfig:
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention: expected one of {ATTENTION_KINDS}, got {self.attention!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"model config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**values)
 
 
 # ---------------------------------------------------------------------------- attention kinds

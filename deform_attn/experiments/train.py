@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import RecordedConfig
 from .models import ModelConfig, build_model, count_parameters
 from .tasks import Split, TaskData
 
@@ -19,7 +20,7 @@ __all__ = ["TrainConfig", "train_and_evaluate", "resolve_device"]
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(RecordedConfig):
     """Optimisation budget and settings; stored in every result record.
 
     Args:
@@ -40,17 +41,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_batch_size: int = 256
     amp: str = "none"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"train config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**values)
 
 
 def resolve_device(device: str) -> torch.device:
