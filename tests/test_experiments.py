@@ -400,3 +400,23 @@ def test_published_results_load_through_importlib_resources():
     assert {r["task"] for r in loaded} == set(grid.PRESETS["smoke"]["tasks"])
     with pytest.raises(FileNotFoundError, match="no published results"):
         results.load_published("no-such-preset")
+
+
+# ---------------------------------------------------------------------------- the CI preset
+
+
+def test_smoke_preset_runs_end_to_end_and_summarizes(tmp_path):
+    """The `smoke` preset is the CI run of the whole pipeline: every task and main variant trains,
+    each run leaves one finite record, and the records aggregate into a table with CIs."""
+    out = tmp_path / "smoke.jsonl"
+    subprocess.run(_cli("run", "--preset", "smoke", "--out", str(out), "--quiet"), env=_environment(),
+                   cwd=tmp_path, check=True, timeout=900)
+    runs = grid.build_grid("smoke")
+    written = records.read_records(out)
+    assert sorted(r["key"] for r in written) == sorted(r.key for r in runs)
+    assert {r["task"] for r in written} == {"adding", "listops", "mnist1d", "mnist1d_long", "osuleaf"}
+    assert all(math.isfinite(value) for r in written for value in r["metrics"].values())
+    table = results.summarize(written)
+    assert {(row["task"], row["variant"]) for row in table} >= {
+        (task, variant) for task in ("adding", "mnist1d") for variant in grid.MAIN_VARIANTS
+    }
