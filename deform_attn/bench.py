@@ -744,12 +744,14 @@ def _run(args: argparse.Namespace, command: str) -> int:
     same_layer = {k: v for k, v in previous.get("layer", {}).items() if k != "n"} == {
         k: v for k, v in parity_key.items() if k != "n"
     }
-    if previous.get("status") == "ok" and same_layer and not args.force:
+    cannot_measure = not lucidrains or lucidrains_peak_bytes(
+        length=n0, dim=args.dim, heads=args.heads, downsample=args.downsample, batch=args.batch, mode="fwd"
+    ) > limit
+    if previous.get("status") == "ok" and same_layer and (cannot_measure or not args.force):
         pass  # measured by an earlier run into this folder with the same layer (at its smallest length)
     elif not lucidrains:
         meta["parity"] = {"status": "skipped", "reason": "deformable-attention is not installed", "n": n0}
-    elif lucidrains_peak_bytes(length=n0, dim=args.dim, heads=args.heads, downsample=args.downsample,
-                               batch=args.batch, mode="fwd") > limit:
+    elif cannot_measure:
         meta["parity"] = {"status": "skipped", "reason": "case a does not fit in memory at the smallest length", "n": n0}
     else:
         meta["parity"] = {**_run_worker(parity_spec, args.timeout), "layer": parity_key}
