@@ -15,14 +15,16 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .geometry import GEOMETRIES, Geometry, num_cells, query_key_distances, sample_positions
+from .geometry import GEOMETRIES, Geometry, distance_coordinates, num_cells, query_key_distances, sample_positions
 from .offsets import OffsetNetwork
+from .piecewise_attention import piecewise_biased_attention
 from .position_bias import ContinuousPositionBias
 from .sampling import linear_sample_1d, linear_sample_1d_reference
 
-__all__ = ["DeformableAttention1D", "from_lucidrains", "POSITION_BIASES"]
+__all__ = ["DeformableAttention1D", "from_lucidrains", "POSITION_BIASES", "ATTENTION_KERNELS"]
 
 POSITION_BIASES: tuple[str, ...] = ("cpb", "none")
+ATTENTION_KERNELS: tuple[str, ...] = ("auto", "piecewise", "sdpa")
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -61,12 +63,18 @@ class DeformableAttention1D(nn.Module):
         bounded_offsets: ``tanh`` on the offsets (DAT); ``False`` for DAT++'s unbounded offsets.
         fast_position_bias: exact piecewise-linear CPB (default) or the plain MLP on every pair.
         fast_sampling: gather-based interpolation (default) or ``grid_sample``.
-        max_bias_elements: queries are processed in chunks so that one chunk's bias holds at most
-            this many elements (batch x heads x queries x keys); under autograd each chunk is
-            recomputed in the backward pass instead of stored. The default (2**23, 32 MiB in
-            float32) keeps a chunk's pair tensors near the CPU caches: at n = 8192 the chunked,
-            recomputed pass is ~30% faster than one unchunked pass and needs a fraction of the
-            memory.
+        attention_kernel: how the biased attention is computed. ``"piecewise"``: this package's
+            kernel (:mod:`deform_attn.piecewise_attention`), which evaluates the piecewise-linear
+            CPB by prefix sums along the queries inside a chunked attention with its own backward;
+            needs the fast CPB, float32/float64 and no attention dropout. ``"sdpa"``: the bias is
+            materialised per chunk and passed to ``scaled_dot_product_attention`` (any device and
+            dtype, dropout, double backward with ``fast_position_bias=False``). ``"auto"``
+            (default): ``"piecewise"`` on CPU where it applies, else ``"sdpa"``.
+        max_bias_elements: queries are processed in chunks so that one chunk's pair tensors hold at
+            most this many elements (batch x heads x queries x keys); under autograd each chunk is
+            recomputed in the backward pass instead of stored. ``None`` (default) picks per kernel:
+            2**20 for ``"piecewise"``, which keeps a chunk's tensors in the CPU caches, and 2**23
+            for ``"sdpa"``.
         check_finite: raise on non-finite input (skipped under ``torch.compile``).
 
     Forward:
@@ -101,7 +109,8 @@ class DeformableAttention1D(nn.Module):
         bounded_offsets: bool = True,
         fast_position_bias: bool = True,
         fast_sampling: bool = True,
-        max_bias_elements: int = 2**23,
+        attention_kernel: str = "auto",
+        max_bias_elements: int | None = None,
         check_finite: bool = True,
     ):
         super().__init__()
@@ -110,7 +119,8 @@ class DeformableAttention1D(nn.Module):
         heads = _positive_int("heads", heads)
         downsample_factor = _positive_int("downsample_factor", downsample_factor)
         offset_kernel_size = _positive_int("offset_kernel_size", offset_kernel_size)
-        max_bias_elements = _positive_int("max_bias_elements", max_bias_elements)
+        if max_bias_elements is not None:
+            max_bias_elements = _positive_int("max_bias_elements", max_bias_elements)
         offset_groups = heads if offset_groups is None else _positive_int("offset_groups", offset_groups)
         offset_scale = downsample_factor if offset_scale is None else offset_scale
         if (
@@ -139,6 +149,13 @@ class DeformableAttention1D(nn.Module):
             raise ValueError(f"geometry: expected one of {GEOMETRIES}, got {geometry!r}")
         if position_bias not in POSITION_BIASES:
             raise ValueError(f"position_bias: expected one of {POSITION_BIASES}, got {position_bias!r}")
+        if attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel: expected one of {ATTENTION_KERNELS}, got {attention_kernel!r}")
+        if attention_kernel == "piecewise" and (position_bias != "cpb" or not fast_position_bias):
+            raise ValueError(
+                "attention_kernel: 'piecewise' evaluates the piecewise-linear CPB table, so it needs "
+                "position_bias='cpb' and fast_position_bias=True"
+            )
 
         self.dim, self.dim_head, self.heads = dim, dim_head, heads
         self.offset_groups = offset_groups
@@ -147,6 +164,7 @@ class DeformableAttention1D(nn.Module):
         self.batch_first = batch_first
         self.use_offsets = use_offsets
         self.fast_sampling = fast_sampling
+        self.attention_kernel = attention_kernel
         self.max_bias_elements = max_bias_elements
         self.check_finite = check_finite
         self.dropout = float(dropout)
@@ -289,13 +307,50 @@ class DeformableAttention1D(nn.Module):
         sample = linear_sample_1d if self.fast_sampling else linear_sample_1d_reference
         return sample(grouped_x, positions)
 
+    def resolved_attention_kernel(self, x: Tensor) -> str:
+        """The kernel a forward pass on ``x`` uses: ``"piecewise"`` or ``"sdpa"``."""
+        if self.attention_kernel != "auto":
+            if self.attention_kernel == "piecewise" and self.training and self.dropout > 0:
+                raise RuntimeError(
+                    "attention_kernel: 'piecewise' has no attention dropout; use 'sdpa' or 'auto' to train with dropout"
+                )
+            return self.attention_kernel
+        applies = (
+            x.device.type == "cpu"
+            and self.position_bias is not None
+            and self.position_bias.fast
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu")
+            and not (self.training and self.dropout > 0)
+        )
+        return "piecewise" if applies else "sdpa"
+
+    def chunk_queries(self, kernel: str, batch: int, cells: int) -> int:
+        """Queries per chunk for ``kernel`` at this batch size and number of keys."""
+        budget = self.max_bias_elements
+        if budget is None:
+            budget = 2**20 if kernel == "piecewise" else 2**23
+        return max(1, budget // max(1, batch * self.heads * cells))
+
     def _attend_in_chunks(self, q, k, v, offsets, key_padding, length, position_dtype) -> Tensor:
         batch, heads, _, _ = q.shape
         cells = k.shape[2]
         table = None
         if self.position_bias is not None and self.position_bias.fast:
             table = self.position_bias.table(position_dtype)
-        chunk = max(1, self.max_bias_elements // max(1, batch * heads * cells))
+        kernel = self.resolved_attention_kernel(q)
+        chunk = self.chunk_queries(kernel, batch, cells)
+        if kernel == "piecewise":
+            query_positions = torch.arange(length, device=q.device)
+            query_values, key_values, step, origin = distance_coordinates(
+                query_positions, offsets, length, self.downsample_factor, geometry=self.geometry
+            )
+            q, k, v = (t.to(position_dtype) for t in (q, k, v))
+            return piecewise_biased_attention(
+                q, k, v, key_values=key_values, query_values=query_values, query_step=step, query_origin=origin,
+                table=table, log_distance=self.position_bias.log_distance, scale=self.scale, chunk=chunk,
+                key_padding=key_padding,
+            )
         if chunk >= length:
             return self._attend(q, k, v, offsets, key_padding, table, 0, length)
         use_checkpoint = torch.is_grad_enabled() and any(

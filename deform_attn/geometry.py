@@ -43,6 +43,7 @@ __all__ = [
     "reference_points",
     "sample_positions",
     "query_key_distances",
+    "distance_coordinates",
 ]
 
 Geometry = Literal["centered", "lucidrains"]
@@ -127,15 +128,37 @@ def query_key_distances(
     Returns:
         (batch, queries, cells) distances.
     """
+    queries, keys, _, _ = distance_coordinates(
+        query_positions, offsets_in_cells, length, downsample_factor, geometry=geometry
+    )
+    # subtract coordinates computed per vector, not per pair: one pass over the pairs
+    return queries[None, :, None] - keys[:, None, :]
+
+
+def distance_coordinates(
+    query_positions: Tensor,
+    offsets_in_cells: Tensor,
+    length: int,
+    downsample_factor: int,
+    *,
+    geometry: Geometry = "centered",
+) -> tuple[Tensor, Tensor, float, float]:
+    """Coordinates whose differences are :func:`query_key_distances`: ``d[b, i, j] = u[i] - w[b, j]``.
+
+    Queries sit on a regular grid, so ``u[i] = step * query_positions[i] + origin`` (up to
+    rounding) with ``step > 0``; the piecewise attention kernel relies on that.
+
+    Returns:
+        (u (queries,), w (batch, cells), step, origin).
+    """
     query_positions = query_positions.to(offsets_in_cells.dtype)
     if geometry == "centered":
         keys = sample_positions(offsets_in_cells, length, downsample_factor, geometry="centered")
-        # divide the vectors, not the (batch, queries, cells) result: one pass fewer per pair
-        return (query_positions / downsample_factor)[None, :, None] - (keys / downsample_factor)[:, None, :]
+        return query_positions / downsample_factor, keys / downsample_factor, 1.0 / downsample_factor, 0.0
     if geometry == "lucidrains":
         cells = offsets_in_cells.shape[-1]
         k = torch.arange(cells, device=offsets_in_cells.device, dtype=offsets_in_cells.dtype)
         keys = normalize_positions(k + offsets_in_cells, cells, align_corners=True)
         queries = normalize_positions(query_positions, length, align_corners=True)
-        return queries[None, :, None] - keys[:, None, :]
+        return queries, keys, 2.0 / max(length - 1, 1), -1.0
     raise ValueError(f"geometry: expected one of {GEOMETRIES}, got {geometry!r}")

@@ -216,10 +216,10 @@ def _outputs_and_grads(layer, x, mask=None):
 
 @pytest.mark.parametrize("geometry", ["centered", "lucidrains"])
 @pytest.mark.parametrize("max_bias_elements", [1, 48, 60])
-def test_chunked_queries_equal_unchunked(geometry, max_bias_elements, monkeypatch):
+def test_sdpa_chunked_queries_equal_unchunked(geometry, max_bias_elements, monkeypatch):
     """b h m = 2*4*3 = 24 bias elements per query: chunks of 1, 2 and 2 queries over n = 13."""
-    whole = make_layer(geometry=geometry)
-    chunked = make_layer(geometry=geometry, max_bias_elements=max_bias_elements)
+    whole = make_layer(geometry=geometry, attention_kernel="sdpa", max_bias_elements=2**20)
+    chunked = make_layer(geometry=geometry, attention_kernel="sdpa", max_bias_elements=max_bias_elements)
     chunked.load_state_dict(whole.state_dict())
     x = torch.randn(2, 16, 13)
 
@@ -249,9 +249,24 @@ def test_chunked_queries_equal_unchunked(geometry, max_bias_elements, monkeypatc
     assert len(calls) == chunks
 
 
-def test_chunked_queries_with_mask():
-    whole = make_layer()
-    chunked = make_layer(max_bias_elements=50)
+@pytest.mark.parametrize("kernel", ["sdpa", "piecewise"])
+@pytest.mark.parametrize("geometry", ["centered", "lucidrains"])
+@pytest.mark.parametrize("max_bias_elements", [1, 48, 60])
+def test_chunked_queries_equal_unchunked(kernel, geometry, max_bias_elements):
+    whole = make_layer(geometry=geometry, attention_kernel=kernel, max_bias_elements=2**20)
+    chunked = make_layer(geometry=geometry, attention_kernel=kernel, max_bias_elements=max_bias_elements)
+    chunked.load_state_dict(whole.state_dict())
+    x = torch.randn(2, 16, 13)
+    out, grads = _outputs_and_grads(whole, x)
+    chunked_out, chunked_grads = _outputs_and_grads(chunked, x)
+    torch.testing.assert_close(chunked_out, out, rtol=1e-5, atol=1e-6)
+    assert max(gradient_errors(chunked_grads, grads)) < 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "piecewise"])
+def test_chunked_queries_with_mask(kernel):
+    whole = make_layer(attention_kernel=kernel, max_bias_elements=2**20)
+    chunked = make_layer(attention_kernel=kernel, max_bias_elements=50)
     chunked.load_state_dict(whole.state_dict())
     x = torch.randn(2, 16, 20)
     mask = torch.arange(20)[None, :] < torch.tensor([[20], [11]])
@@ -261,8 +276,10 @@ def test_chunked_queries_with_mask():
     assert max(gradient_errors(chunked_grads, grads)) < 1e-5
 
 
-def test_chunked_gradcheck_fp64():
-    layer = DeformableAttention1D(dim=8, dim_head=4, heads=2, max_bias_elements=20).double().eval()
+@pytest.mark.parametrize("kernel", ["sdpa", "piecewise"])
+def test_chunked_gradcheck_fp64(kernel):
+    layer = DeformableAttention1D(dim=8, dim_head=4, heads=2, max_bias_elements=20, attention_kernel=kernel)
+    layer = layer.double().eval()
     x = torch.randn(2, 8, 12, dtype=torch.float64, requires_grad=True)  # chunks of 5 queries
     assert torch.autograd.gradcheck(layer, (x,), fast_mode=True)
 

@@ -207,6 +207,26 @@ def test_bad_position_bias(position_bias):
         make_layer(position_bias=position_bias)
 
 
+@pytest.mark.parametrize("kernel", ["fused", "SDPA", "", None])
+def test_bad_attention_kernel(kernel):
+    with pytest.raises(ValueError, match=r"^attention_kernel: expected one of \('auto', 'piecewise', 'sdpa'\)"):
+        make_layer(attention_kernel=kernel)
+
+
+@pytest.mark.parametrize("options", [{"position_bias": "none"}, {"fast_position_bias": False}])
+def test_piecewise_kernel_needs_the_fast_cpb(options):
+    with pytest.raises(ValueError, match=r"^attention_kernel: 'piecewise' evaluates the piecewise-linear CPB"):
+        make_layer(attention_kernel="piecewise", **options)
+
+
+def test_piecewise_kernel_refuses_attention_dropout_in_training():
+    layer = make_layer(attention_kernel="piecewise", dropout=0.1).train()
+    with pytest.raises(RuntimeError, match=r"^attention_kernel: 'piecewise' has no attention dropout"):
+        layer(torch.randn(2, 16, 24))
+    layer.eval()
+    assert layer(torch.randn(2, 16, 24)).shape == (2, 16, 24)
+
+
 @pytest.mark.parametrize(
     "name", ["dim", "heads", "dim_head", "downsample_factor", "offset_groups", "max_bias_elements"]
 )

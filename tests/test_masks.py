@@ -32,8 +32,9 @@ LENGTH_SETS = {"multiples": [24, 16, 8], "not_multiples": [23, 13, 6], "mixed": 
 
 @pytest.mark.parametrize("lengths", list(LENGTH_SETS.values()), ids=list(LENGTH_SETS))
 @pytest.mark.parametrize("chunked", [False, True])
-def test_padded_rows_equal_rows_alone(lengths, chunked):
-    layer = make_layer(max_bias_elements=40 if chunked else 2**26)
+@pytest.mark.parametrize("kernel", ["piecewise", "sdpa"])
+def test_padded_rows_equal_rows_alone(lengths, chunked, kernel):
+    layer = make_layer(max_bias_elements=40 if chunked else 2**26, attention_kernel=kernel)
     x = torch.randn(len(lengths), 16, LENGTH)
     mask = length_mask(lengths)
     out = layer(x, mask)

@@ -1,0 +1,312 @@
+r"""Attention with a piecewise-linear position bias, evaluated by prefix sums, chunk by chunk.
+
+:mod:`deform_attn.position_bias` turns the CPB MLP into a table: kinks :math:`\tau_1 < \dots <
+\tau_K` and, on each interval, a slope and an intercept. Evaluated pair by pair, that still costs
+a binary search and two gathers per (query, key) pair, far more than the attention's matrix
+products. This module uses the one structure the 1D layer has and a 2D or general one does not:
+**queries sit on a regular grid**. The distance from query :math:`i` to key :math:`j` is
+
+.. math::  d_{ij} = u_i - w_j, \qquad u_i = a\, i + c \quad (a > 0),
+
+so for a fixed key the distance, and with it the interval index, only grows along the queries.
+Key :math:`j` enters the interval past kink :math:`\tau_k` at the first query
+
+.. math::  r_{jk} = \min\{\, i : u_i - w_j > D_k \,\}, \qquad D_k = \text{transform}^{-1}(\tau_k),
+
+one number per (key, kink) instead of one search per pair. The slope (and likewise the intercept)
+of pair :math:`(i, j)` is then a prefix sum along the queries,
+
+.. math::  S_{ij} = S_{0j} + \sum_{k:\ r_{jk} \le i} (s_{k+1} - s_k),
+
+and a prefix sum along a contiguous axis is one cheap pass. In the backward pass the same
+structure turns the per-interval gradient reductions into prefix sums too:
+:math:`\partial L / \partial (s_{k+1} - s_k) = \sum_{i \ge r_{jk}} g_{ij} t_{ij}`.
+
+The attention itself is computed chunk by chunk along the queries with a hand-written backward
+(the FlashAttention recipe: save the output and the log-sum-exp, recompute the scores), so no
+(queries x keys) tensor larger than one chunk exists, and each chunk's tensors stay near the CPU
+caches. Pair tensors are laid out (heads, keys, queries): the prefix sums then run along the
+contiguous axis, where they are fast.
+
+Axis letters: b batch, g offset groups, o heads per group (h = g o), n queries, m keys, c queries
+of one chunk, d channels per head, k kinks, e events (key, kink crossings inside the sequence).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["piecewise_biased_attention", "kink_crossings"]
+
+
+def _inverse_transform(kinks: Tensor, log_distance: bool) -> Tensor:
+    """Distances at which ``t`` reaches each kink: the inverse of ``sign(d) log(1 + |d|)``."""
+    if not log_distance:
+        return kinks
+    return torch.expm1(kinks.abs()).copysign(kinks)
+
+
+def kink_crossings(
+    key_values: Tensor, kinks: Tensor, length: int, query_step: float, query_origin: float, log_distance: bool
+) -> Tensor:
+    """First query index past each kink, for every key: :math:`r_{jk}` in the module docstring.
+
+    Args:
+        key_values: (rows, m) key coordinates :math:`w_j`.
+        kinks: (k,) sorted kinks of the bias in ``t``.
+        length: number of queries ``n``.
+        query_step, query_origin: ``a`` and ``c`` of the query coordinates :math:`u_i = a i + c`.
+        log_distance: whether ``t`` is the signed log of the distance.
+
+    Returns:
+        (rows, m, k) int64 query indices in ``[0, n]``; ``0``: the kink is already passed at the
+        first query, ``n``: never passed inside the sequence. Computed in float64; where a pair
+        lies within rounding of a kink it may land on either side, which changes the bias by a
+        rounding error only, because the bias is continuous at its kinks.
+    """
+    thresholds = _inverse_transform(kinks.to(torch.float64), log_distance)  # (k,)
+    # u_i - w_j > D_k  <=>  i > (w_j + D_k - c) / a
+    boundary = (key_values.to(torch.float64)[:, :, None] + thresholds - query_origin) / query_step
+    return (boundary.clamp(-1.0, float(length)).floor() + 1).clamp_(0, length).to(torch.int64)
+
+
+class _Events:
+    """Kink crossings inside the sequence, sorted by chunk, with what each chunk needs to scatter."""
+
+    def __init__(self, key_values, kinks, length, chunk, query_step, query_origin, log_distance, outputs):
+        rows, cells = key_values.shape
+        num_kinks = kinks.shape[0]
+        self.rows, self.cells, self.outputs, self.chunk, self.length = rows, cells, outputs, chunk, length
+        crossings = kink_crossings(key_values, kinks, length, query_step, query_origin, log_distance)  # (rows, m, k)
+        # interval at the first query: the kinks already passed there
+        self.first_interval = (crossings == 0).sum(-1)  # (rows, m)
+        crossings = crossings.view(rows * cells, num_kinks)
+        key_index, kink = ((crossings > 0) & (crossings < length)).nonzero(as_tuple=True)  # (e,) each
+        query = crossings[key_index, kink]
+        del crossings
+        chunk_of_event = torch.div(query, chunk, rounding_mode="floor")
+        order = torch.argsort(chunk_of_event, stable=True)
+        key_index, kink, query = key_index[order], kink[order], query[order]
+        counts = torch.bincount(chunk_of_event, minlength=-(-length // chunk))
+        self.bounds = [0] + torch.cumsum(counts, 0).tolist()
+        # int32 halves what is kept for the backward pass; offsets inside a chunk buffer fit easily
+        self.key_index, self.kink = key_index.to(torch.int32), kink.to(torch.int32)
+        self.column = (query - torch.div(query, chunk, rounding_mode="floor") * chunk).to(torch.int32)
+        row, key = key_index // cells, key_index % cells
+        output = torch.arange(outputs, device=key_index.device)
+        # (row, o, key) row of a (rows, o, m, width) buffer, one per (event, output)
+        self.buffer_row = ((row[:, None] * outputs + output) * cells + key[:, None]).to(torch.int32)  # (e, o)
+
+    def chunk_events(self, index: int, width: int) -> tuple[slice, Tensor, Tensor]:
+        """Crossings in chunk ``index``: their slice, kinks, and flat indices into a
+        (rows, o, m, width) buffer (one per event and output) at their column."""
+        part = slice(self.bounds[index], self.bounds[index + 1])
+        targets = self.buffer_row[part].to(torch.int64) * width + self.column[part, None]
+        return part, self.kink[part], targets.reshape(-1)
+
+
+def _chunk_coefficients(events, index, start_interval, slopes, intercepts, steps, width, buffer):
+    """Slope and intercept of every (row, output, key, query) pair of one chunk, and the events.
+
+    ``start_interval`` (rows, m): exact interval index at the chunk's first query. Its table row
+    seeds column 0, so rounding from the prefix sum never crosses a chunk boundary. ``steps``:
+    (2, k, o) differences between the pieces on either side of each kink.
+    """
+    rows, cells, outputs = events.rows, events.cells, events.outputs
+    part, kink, targets = events.chunk_events(index, width)
+    buffer = buffer[:, : rows * outputs * cells * width].view(2, rows, outputs, cells, width)
+    buffer.zero_()
+    flat = start_interval.reshape(-1)
+    # shape: (intervals, o) table -> (rows, o, m) start values
+    buffer[0, ..., 0] = slopes.index_select(0, flat).view(rows, cells, outputs).transpose(1, 2)
+    buffer[1, ..., 0] = intercepts.index_select(0, flat).view(rows, cells, outputs).transpose(1, 2)
+    # crossing kink k adds the difference between the pieces on either side of it
+    for which in range(2):
+        buffer[which].view(-1).index_add_(0, targets, steps[which].index_select(0, kink).view(-1))
+    coefficients = torch.cumsum(buffer, dim=-1)  # (2, rows, o, m, c)
+    return coefficients, part
+
+
+def _chunk_distance_terms(query_values, key_values, log_distance):
+    """``t`` and ``dt/dd`` of the (rows, m, c) pairs of one chunk (``None``: derivative 1)."""
+    distance = query_values[None, None, :] - key_values[:, :, None]
+    if not log_distance:
+        return distance, None
+    magnitude = distance.abs()
+    t = torch.log1p(magnitude).copysign_(distance)
+    return t, magnitude
+
+
+class _PiecewiseBiasedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_values, kinks, slopes, intercepts, query_values, geometry, key_padding):
+        query_step, query_origin, log_distance, scale, chunk = geometry
+        batch, heads, length, _ = q.shape
+        rows, cells = key_values.shape
+        outputs = slopes.shape[1]
+        events = _Events(key_values.detach(), kinks, length, chunk, query_step, query_origin, log_distance, outputs)
+
+        q_rows, k_rows, v_rows = (t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (q, k, v))
+        out = torch.empty_like(q)
+        out_rows = out.view(batch * heads, length, -1)  # (b h, n, d)
+        log_sum_exp = q_rows.new_empty(batch * heads, length)
+        buffer = q_rows.new_empty(2, rows * outputs * cells * chunk)
+        steps = torch.stack([slopes.diff(dim=0), intercepts.diff(dim=0)])  # (2, k, o)
+        interval = events.first_interval.clone()
+        for index, start in enumerate(range(0, length, chunk)):
+            width = min(chunk, length - start)
+            coefficients, part = _chunk_coefficients(events, index, interval, slopes, intercepts, steps, width, buffer)
+            t, _ = _chunk_distance_terms(query_values[start : start + width], key_values, log_distance)
+            # bias = slope * t + intercept, per head: (rows, o, m, c) -> (b h, m, c)
+            scores = torch.addcmul(coefficients[1], coefficients[0], t[:, None]).view(batch * heads, cells, width)
+            if key_padding is not None:
+                scores.view(batch, heads, cells, width).masked_fill_(key_padding[:, None, :, None], -math.inf)
+            queries = q_rows[:, start : start + width]  # (b h, c, d)
+            scores.baddbmm_(k_rows, queries.transpose(1, 2), alpha=scale)  # (b h, m, c)
+            # softmax over the keys (dim 1); the normalisation is applied to the (d, c) output
+            peak = scores.amax(dim=1, keepdim=True)
+            weights = scores.sub_(peak).exp_()
+            total = weights.sum(dim=1, keepdim=True)  # (b h, 1, c)
+            chunk_out = torch.bmm(v_rows.transpose(1, 2), weights).div_(total)  # (b h, d, c)
+            out_rows[:, start : start + width] = chunk_out.transpose(1, 2)
+            log_sum_exp[:, start : start + width] = (peak + total.log()).squeeze(1)
+            interval += torch.bincount(events.key_index[part], minlength=rows * cells).view(rows, cells)
+
+        ctx.geometry = geometry
+        ctx.events = events
+        ctx.save_for_backward(q, k, v, key_values, kinks, slopes, intercepts, query_values, key_padding, out, log_sum_exp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the piecewise attention kernel cannot be differentiated twice; use "
+                "DeformableAttention1D(attention_kernel='sdpa', fast_position_bias=False) for higher derivatives"
+            )
+        q, k, v, key_values, kinks, slopes, intercepts, query_values, key_padding, out, log_sum_exp = ctx.saved_tensors
+        query_step, query_origin, log_distance, scale, chunk = ctx.geometry
+        events = ctx.events
+        batch, heads, length, _ = q.shape
+        rows, cells = key_values.shape
+        outputs = slopes.shape[1]
+
+        q_rows, k_rows, v_rows = (t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (q, k, v))
+        grad_rows = grad_out.reshape(batch * heads, length, -1)
+        grad_q, grad_k, grad_v = torch.empty_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
+        # D_i = sum_d dO * O: the softmax backward's row term
+        row_term = (grad_rows * out.view_as(grad_rows)).sum(-1)  # (b h, n)
+        grad_key_values = torch.zeros_like(key_values)
+        # running sums over the queries seen so far, per (row, o, m): of g t (slopes) and g (intercepts)
+        running = q_rows.new_zeros(2, rows * outputs * cells)
+        event_prefix = q_rows.new_empty(2, events.key_index.shape[0] * outputs)
+        buffer = q_rows.new_empty(2, rows * outputs * cells * chunk)
+        prefix_buffer = q_rows.new_empty(2, rows * outputs * cells * chunk)
+        steps = torch.stack([slopes.diff(dim=0), intercepts.diff(dim=0)])  # (2, k, o)
+        interval = events.first_interval.clone()
+        for index, start in enumerate(range(0, length, chunk)):
+            width = min(chunk, length - start)
+            stop = start + width
+            coefficients, part = _chunk_coefficients(events, index, interval, slopes, intercepts, steps, width, buffer)
+            t, magnitude = _chunk_distance_terms(query_values[start:stop], key_values, log_distance)
+            scores = torch.addcmul(coefficients[1], coefficients[0], t[:, None]).view(batch * heads, cells, width)
+            if key_padding is not None:
+                scores.view(batch, heads, cells, width).masked_fill_(key_padding[:, None, :, None], -math.inf)
+            queries, grad_chunk = q_rows[:, start:stop], grad_rows[:, start:stop]  # (b h, c, d)
+            scores.baddbmm_(k_rows, queries.transpose(1, 2), alpha=scale)
+            weights = scores.sub_(log_sum_exp[:, None, start:stop]).exp_()  # (b h, m, c)
+            grad_v.baddbmm_(weights, grad_chunk)
+            # dS = P * (dP - D), dP = V dO^T
+            grad_scores = torch.bmm(v_rows, grad_chunk.transpose(1, 2))
+            grad_scores.sub_(row_term[:, None, start:stop]).mul_(weights)  # (b h, m, c) = d loss / d bias
+            grad_q[:, start:stop] = torch.bmm(grad_scores.transpose(1, 2), k_rows).mul_(scale)
+            grad_k.baddbmm_(grad_scores, queries, alpha=scale)
+
+            grad_bias = grad_scores.view(rows, outputs, cells, width)
+            # distance: d bias / d w_j = -slope * dt/dd
+            grad_t = (grad_bias * coefficients[0]).sum(1) if outputs > 1 else grad_bias[:, 0] * coefficients[0, :, 0]
+            if magnitude is not None:
+                grad_t.div_(magnitude.add_(1))
+            grad_key_values -= grad_t.sum(-1)
+            # table: inclusive prefix sums of g t (slopes) and g (intercepts) along the chunk's queries
+            prefixes = prefix_buffer[:, : rows * outputs * cells * width].view(2, rows, outputs, cells, width)
+            torch.cumsum(torch.mul(grad_bias, t[:, None]), -1, out=prefixes[0])
+            torch.cumsum(grad_bias, -1, out=prefixes[1])
+            prefixes = prefixes.view(2, -1)
+            # a crossing at column c sees the sum over the queries before it: columns < c
+            _, _, targets = events.chunk_events(index, width)
+            before = prefixes.index_select(1, (targets - 1).clamp_(min=0))
+            before.masked_fill_(targets % width == 0, 0)
+            event_prefix[:, part.start * outputs : part.stop * outputs] = before + running.index_select(1, targets // width)
+            running += prefixes.view(2, -1, width)[:, :, -1]
+            interval += torch.bincount(events.key_index[part], minlength=rows * cells).view(rows, cells)
+
+        # running now holds the totals; a crossing's gradient is the sum over the queries past it
+        totals = running.view(2, rows, outputs, cells)
+        flat_totals = totals.permute(0, 1, 3, 2).reshape(2, rows * cells, outputs)
+        crossing_grad = flat_totals.index_select(1, events.key_index) - event_prefix.view(2, -1, outputs)  # (2, e, o)
+        # reduce 1-d over (interval, output) cells: index_add_ over 2-d rows is far slower on CPU
+        output = torch.arange(outputs, device=q.device)
+        first_cells = (events.first_interval.reshape(-1, 1) * outputs + output).reshape(-1)
+        kink_cells = (events.kink.to(torch.int64)[:, None] * outputs + output).reshape(-1)
+        grad_tables = []
+        for which in range(2):
+            grad_table = torch.zeros_like(slopes).view(-1)
+            grad_table.index_add_(0, first_cells, flat_totals[which].reshape(-1))
+            grad_table.index_add_(0, kink_cells + outputs, crossing_grad[which].reshape(-1))
+            grad_table.index_add_(0, kink_cells, crossing_grad[which].reshape(-1).neg())
+            grad_tables.append(grad_table.view_as(slopes))
+        grad_slopes, grad_intercepts = grad_tables
+
+        shape = q.shape
+        return (
+            grad_q.view(shape), grad_k.view(k.shape), grad_v.view(v.shape), grad_key_values,
+            None, grad_slopes, grad_intercepts, None, None, None,
+        )
+
+
+def piecewise_biased_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_values: Tensor,
+    query_values: Tensor,
+    query_step: float,
+    query_origin: float,
+    table: tuple[Tensor, Tensor, Tensor],
+    log_distance: bool,
+    scale: float,
+    chunk: int,
+    key_padding: Tensor | None = None,
+) -> Tensor:
+    """``softmax(q k^T * scale + bias) v`` with ``bias[h, i, j] = f_h(t(u_i - w_j))``, ``f`` piecewise linear.
+
+    Args:
+        q: (b, h, n, d) queries.
+        k, v: (b, h, m, d) keys and values.
+        key_values: (b g, m) key coordinates :math:`w_j` of each offset group (``g`` divides
+            ``h``; head ``g o_per + o`` uses group ``g``).
+        query_values: (n,) query coordinates :math:`u_i`, equal to ``query_step * i +
+            query_origin`` up to rounding; ``query_step > 0``.
+        table: (kinks (k,), slopes (k + 1, o), intercepts (k + 1, o)) from
+            :func:`deform_attn.position_bias.piecewise_linear_table`, ``o = h / g``.
+        log_distance: ``t`` is ``sign(d) log(1 + |d|)`` instead of ``d``.
+        scale: factor on ``q k^T``.
+        chunk: queries per chunk.
+        key_padding: optional (b, m) bool, True where a key does not exist.
+
+    Returns:
+        (b, h, n, d). Differentiable once in ``q``, ``k``, ``v``, ``key_values`` and the table's
+        slopes and intercepts.
+    """
+    kinks, slopes, intercepts = table
+    if not query_step > 0:
+        raise ValueError(f"query_step: expected a positive number, got {query_step!r}")
+    return _PiecewiseBiasedAttention.apply(
+        q, k, v, key_values, kinks, slopes, intercepts, query_values,
+        (float(query_step), float(query_origin), bool(log_distance), float(scale), int(chunk)), key_padding,
+    )

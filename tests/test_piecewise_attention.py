@@ -1,0 +1,229 @@
+"""The piecewise attention kernel: equal to materialising the bias and calling SDPA, in values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import gradient_errors, max_relative_error
+
+from deform_attn import DeformableAttention1D
+from deform_attn.geometry import distance_coordinates, query_key_distances
+from deform_attn.piecewise_attention import kink_crossings, piecewise_biased_attention
+from deform_attn.position_bias import ContinuousPositionBias
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def make_pair(**overrides) -> tuple[DeformableAttention1D, DeformableAttention1D]:
+    """The same layer twice: once on the piecewise kernel, once on SDPA."""
+    options = dict(dim=16, dim_head=8, heads=4, offset_groups=2, downsample_factor=4)
+    options.update(overrides)
+    piecewise = DeformableAttention1D(attention_kernel="piecewise", **options).eval()
+    sdpa = DeformableAttention1D(attention_kernel="sdpa", **options).eval()
+    sdpa.load_state_dict(piecewise.state_dict())
+    return piecewise, sdpa
+
+
+def outputs_and_grads(layer, x, mask=None):
+    x = x.clone().requires_grad_()
+    out = layer(x) if mask is None else layer(x, mask)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    grads = torch.autograd.grad((out * weights).sum(), [x, *layer.parameters()])
+    return out.detach(), grads
+
+
+def trained_looking(layer: DeformableAttention1D, scale: float = 3.0) -> DeformableAttention1D:
+    """Larger, less regular CPB weights and large offsets: many kinks inside the distance range."""
+    with torch.no_grad():
+        for linear in layer.position_bias.linears:
+            linear.weight.mul_(scale)
+            linear.bias.normal_(0, scale)
+        layer.to_offsets.pointwise.weight.mul_(10)
+    return layer
+
+
+@pytest.mark.parametrize("geometry", ["centered", "lucidrains"])
+@pytest.mark.parametrize("cpb_log_distance", [True, False])
+@pytest.mark.parametrize("offset_groups", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_piecewise_kernel_equals_sdpa(geometry, cpb_log_distance, offset_groups, dtype):
+    piecewise, sdpa = make_pair(geometry=geometry, cpb_log_distance=cpb_log_distance, offset_groups=offset_groups)
+    trained_looking(piecewise)
+    sdpa.load_state_dict(piecewise.state_dict())
+    piecewise, sdpa = piecewise.to(dtype), sdpa.to(dtype)
+    x = torch.randn(2, 16, 45, dtype=dtype)
+    out, grads = outputs_and_grads(piecewise, x)
+    expected_out, expected_grads = outputs_and_grads(sdpa, x)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    assert max_relative_error(out, expected_out) < tolerance
+    assert max(gradient_errors(grads, expected_grads)) < 10 * tolerance
+
+
+@pytest.mark.parametrize("max_bias_elements", [1, 100, 2**20])
+def test_piecewise_kernel_equals_sdpa_with_mask_and_chunks(max_bias_elements):
+    piecewise, sdpa = make_pair(max_bias_elements=max_bias_elements)
+    trained_looking(piecewise)
+    sdpa.load_state_dict(piecewise.state_dict())
+    x = torch.randn(3, 16, 30)
+    mask = torch.arange(30)[None, :] < torch.tensor([[30], [9], [4]])
+    out, grads = outputs_and_grads(piecewise, x, mask)
+    expected_out, expected_grads = outputs_and_grads(sdpa, x, mask)
+    assert max_relative_error(out, expected_out) < 2e-5
+    assert max(gradient_errors(grads, expected_grads)) < 2e-4
+
+
+def test_auto_picks_piecewise_on_cpu_and_sdpa_where_it_does_not_apply():
+    x = torch.randn(1, 16, 24)
+    layer = DeformableAttention1D(dim=16, heads=2, dim_head=8)
+    assert layer.resolved_attention_kernel(x) == "piecewise"
+    assert layer.resolved_attention_kernel(x.double()) == "piecewise"
+    assert layer.resolved_attention_kernel(x.bfloat16()) == "sdpa"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.resolved_attention_kernel(x) == "sdpa"
+    assert DeformableAttention1D(dim=16, heads=2, position_bias="none").resolved_attention_kernel(x) == "sdpa"
+    assert DeformableAttention1D(dim=16, heads=2, fast_position_bias=False).resolved_attention_kernel(x) == "sdpa"
+    dropout = DeformableAttention1D(dim=16, heads=2, dropout=0.1)
+    assert dropout.train().resolved_attention_kernel(x) == "sdpa"
+    assert dropout.eval().resolved_attention_kernel(x) == "piecewise"
+    assert DeformableAttention1D(dim=16, heads=2, attention_kernel="sdpa").resolved_attention_kernel(x) == "sdpa"
+
+
+def test_chunk_budget_per_kernel():
+    layer = DeformableAttention1D(dim=16, heads=2, dim_head=8)
+    assert layer.chunk_queries("piecewise", batch=1, cells=512) == 2**20 // (2 * 512)
+    assert layer.chunk_queries("sdpa", batch=1, cells=512) == 2**23 // (2 * 512)
+    assert DeformableAttention1D(dim=16, heads=2, max_bias_elements=100).chunk_queries("piecewise", 1, 512) == 1
+
+
+# ---------------------------------------------------------------- the kernel function itself
+
+
+def kernel_inputs(dtype=torch.float64, batch=2, groups=2, outputs=2, length=23, cells=7, log_distance=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    heads = groups * outputs
+    bias = ContinuousPositionBias(hidden_dim=6, num_outputs=outputs, log_distance=log_distance).to(dtype)
+    with torch.no_grad():
+        for linear in bias.linears:
+            linear.weight.normal_(0, 2, generator=generator)
+            linear.bias.normal_(0, 2, generator=generator)
+    offsets = 3 * torch.randn(batch * groups, cells, dtype=dtype, generator=generator)
+    q = torch.randn(batch, heads, length, 5, dtype=dtype, generator=generator)
+    k = torch.randn(batch, heads, cells, 5, dtype=dtype, generator=generator)
+    v = torch.randn(batch, heads, cells, 5, dtype=dtype, generator=generator)
+    return bias, offsets, q, k, v
+
+
+def materialised(q, k, v, bias_module, offsets, length, key_padding=None):
+    """softmax(q k^T / sqrt(d) + CPB(distance)) v with the bias built pair by pair through the plain MLP."""
+    batch, heads = q.shape[:2]
+    distances = query_key_distances(torch.arange(length), offsets, length, 3)  # (b g, n, m)
+    bias = bias_module.mlp(bias_module.transform(distances).unsqueeze(-1))  # (b g, n, m, o)
+    bias = bias.reshape(batch, -1, *bias.shape[1:]).permute(0, 1, 4, 2, 3).reshape(batch, heads, length, -1)
+    if key_padding is not None:
+        bias = bias.masked_fill(key_padding[:, None, None, :], -torch.inf)
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias, dim=-1) @ v
+
+
+def run_kernel(q, k, v, bias_module, offsets, length, chunk, key_padding=None):
+    u, w, step, origin = distance_coordinates(torch.arange(length), offsets, length, 3)
+    return piecewise_biased_attention(
+        q, k, v, key_values=w, query_values=u, query_step=step, query_origin=origin,
+        table=bias_module.table(q.dtype), log_distance=bias_module.log_distance, scale=q.shape[-1] ** -0.5,
+        chunk=chunk, key_padding=key_padding,
+    )
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 23, 100])
+@pytest.mark.parametrize("log_distance", [True, False])
+def test_kernel_equals_plain_mlp_bias(chunk, log_distance):
+    bias, offsets, q, k, v = kernel_inputs(log_distance=log_distance)
+    leaves = [q, k, v, offsets, *bias.parameters()]
+    for leaf in leaves:
+        leaf.requires_grad_()
+    expected = materialised(q, k, v, bias, offsets, 23)
+    actual = run_kernel(q, k, v, bias, offsets, 23, chunk)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, leaves, g)
+    actual_grads = torch.autograd.grad(actual, leaves, g)
+    assert max(gradient_errors(actual_grads, expected_grads)) < 1e-11
+
+
+def test_kernel_with_key_padding():
+    bias, offsets, q, k, v = kernel_inputs()
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 3:] = True
+    expected = materialised(q, k, v, bias, offsets, 23, padding)
+    torch.testing.assert_close(run_kernel(q, k, v, bias, offsets, 23, 5, padding), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_gradcheck_fp64():
+    bias, offsets, q, k, v = kernel_inputs(length=9, cells=3, batch=1)
+    u, w, step, origin = distance_coordinates(torch.arange(9), offsets, 9, 3)
+    kinks, slopes, intercepts = bias.table(torch.float64)
+    w, slopes, intercepts = (t.detach().requires_grad_() for t in (w, slopes, intercepts))
+
+    def run(q, k, v, w, slopes, intercepts):
+        return piecewise_biased_attention(
+            q, k, v, key_values=w, query_values=u, query_step=step, query_origin=origin,
+            table=(kinks, slopes, intercepts), log_distance=True, scale=0.5, chunk=4,
+        )
+
+    inputs = tuple(t.detach().requires_grad_() for t in (q, k, v)) + (w, slopes, intercepts)
+    assert torch.autograd.gradcheck(run, inputs)
+
+
+def test_kernel_without_kinks_is_linear_bias():
+    """Zero first-layer weights: the MLP is constant, no kink, no crossing."""
+    bias, offsets, q, k, v = kernel_inputs()
+    with torch.no_grad():
+        bias.linears[0].weight.zero_()
+    assert bias.table(torch.float64)[0].numel() == 0
+    torch.testing.assert_close(run_kernel(q, k, v, bias, offsets, 23, 4), materialised(q, k, v, bias, offsets, 23))
+
+
+def test_kernel_refuses_second_derivatives():
+    bias, offsets, q, k, v = kernel_inputs()
+    q.requires_grad_()
+    out = run_kernel(q, k, v, bias, offsets, 23, 4)
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)  # a graph of the gradient is refused up front
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert grad.abs().max() > 0
+
+
+def test_kernel_rejects_decreasing_query_coordinates():
+    bias, offsets, q, k, v = kernel_inputs()
+    with pytest.raises(ValueError, match=r"^query_step: expected a positive number"):
+        piecewise_biased_attention(
+            q, k, v, key_values=offsets, query_values=torch.arange(23.0), query_step=-1.0, query_origin=0.0,
+            table=bias.table(torch.float64), log_distance=True, scale=1.0, chunk=4,
+        )
+
+
+@pytest.mark.parametrize("log_distance", [True, False])
+def test_crossings_count_the_kinks_below_each_pair(log_distance):
+    """#{k : r_jk <= i} is the interval searchsorted finds for pair (i, j), away from rounding ties."""
+    bias, offsets, *_ = kernel_inputs(log_distance=log_distance, cells=40, length=120)
+    kinks = bias.table(torch.float64)[0]
+    u, w, step, origin = distance_coordinates(torch.arange(120), offsets, 120, 3)
+    crossings = kink_crossings(w, kinks, 120, step, origin, log_distance)  # (b g, m, k)
+    assert crossings.dtype == torch.int64 and crossings.min() >= 0 and crossings.max() <= 120
+    t = bias.transform(u[None, :, None] - w[:, None, :])  # (b g, n, m)
+    expected = torch.searchsorted(kinks, t.contiguous())
+    counted = (crossings[:, None, :, :] <= torch.arange(120)[None, :, None, None]).sum(-1)
+    assert torch.equal(counted, expected)
+    assert 0 < counted.min() or counted.max() > 0  # the test sees kinks being crossed
+
+
+def test_crossings_of_kinks_beyond_float_range():
+    """Kinks far out in t (exp overflows) are never crossed, or always crossed, without NaN."""
+    kinks = torch.tensor([-1000.0, -1.0, 0.5, 800.0], dtype=torch.float64)
+    w = torch.tensor([[0.0, 5.0]], dtype=torch.float64)
+    crossings = kink_crossings(w, kinks, 10, 1.0, 0.0, log_distance=True)
+    assert torch.equal(crossings[..., 0], torch.zeros(1, 2, dtype=torch.int64))
+    assert torch.equal(crossings[..., 3], torch.full((1, 2), 10))
+    # t > -1 <=> d > -(e - 1): first i with i - w > -1.718
+    assert crossings[0, :, 1].tolist() == [0, 4]
+    # t > 0.5 <=> d > e^0.5 - 1 = 0.6487
+    assert crossings[0, :, 2].tolist() == [1, 6]
