@@ -73,7 +73,8 @@ class DeformableAttention1D(nn.Module):
         max_bias_elements: queries are processed in chunks so that one chunk's pair tensors hold at
             most this many elements (batch x heads x queries x keys); under autograd each chunk is
             recomputed in the backward pass instead of stored. ``None`` (default) picks per kernel:
-            2**20 for ``"piecewise"``, which keeps a chunk's tensors in the CPU caches, and 2**23
+            2**21 for ``"piecewise"`` (8 MiB per float32 pair tensor, near the CPU caches; the fastest
+            of 2**20, 2**21 and 2**22 at n = 8192 and 16384 on 2 cores), and 2**23
             for ``"sdpa"``.
         check_finite: raise on non-finite input (skipped under ``torch.compile``).
 
@@ -329,7 +330,7 @@ class DeformableAttention1D(nn.Module):
         """Queries per chunk for ``kernel`` at this batch size and number of keys."""
         budget = self.max_bias_elements
         if budget is None:
-            budget = 2**20 if kernel == "piecewise" else 2**23
+            budget = 2**21 if kernel == "piecewise" else 2**23
         return max(1, budget // max(1, batch * self.heads * cells))
 
     def _attend_in_chunks(self, q, k, v, offsets, key_padding, length, position_dtype) -> Tensor:

@@ -1,4 +1,4 @@
-"""Benchmark command: time and peak memory of four attention layers against sequence length.
+"""Benchmark command: time and peak memory of five attention layers against sequence length.
 
 ``python -m deform_attn.bench`` (or the console script ``deform-attn-bench``) measures, for each
 sequence length ``n``, the forward time, the forward + backward time and the peak memory of
@@ -9,7 +9,10 @@ sequence length ``n``, the forward time, the forward + backward time and the pea
 * **b** ``deform_attn.from_lucidrains(a)``: this package in the reference's geometry, with the
   same weights as **a** (built from the same seed even where **a** itself is skipped);
 * **c** ``deform_attn.DeformableAttention1D`` with its defaults (centred geometry, fast paths);
-* **d** full multi-head attention of the same width, :class:`FullAttention1D`.
+* **d** full multi-head attention of the same width, :class:`FullAttention1D`;
+* **e** case **c** with ``attention_kernel="sdpa"``: the bias materialised chunk by chunk and
+  passed to ``scaled_dot_product_attention``, the layer's path before the piecewise kernel
+  (on a GPU, **c** already takes this path). Not in the default ``--cases``.
 
 Protocol
     Every (case, n, mode) runs in a fresh worker process (``python -m deform_attn.bench --worker
@@ -98,6 +101,7 @@ CASES: dict[str, str] = {
     "b": "deform_attn, lucidrains geometry",
     "c": "deform_attn, defaults",
     "d": "full attention (SDPA)",
+    "e": "deform_attn, SDPA kernel",
 }
 MODES: tuple[str, ...] = ("fwd", "fwd+bwd")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -193,10 +197,11 @@ def _build_layer(case: str, spec: dict[str, Any]) -> nn.Module:
             offset_kernel_size=_offset_kernel_size(spec["downsample"]), geometry="lucidrains",
         )
     torch.manual_seed(SEED)
-    if case == "c":
+    if case in ("c", "e"):
         return DeformableAttention1D(
             dim=spec["dim"], dim_head=spec["dim_head"], heads=spec["heads"], downsample_factor=spec["downsample"],
             offset_kernel_size=_offset_kernel_size(spec["downsample"]),
+            attention_kernel="auto" if case == "c" else "sdpa",
         )
     if case == "d":
         return FullAttention1D(dim=spec["dim"], dim_head=spec["dim_head"], heads=spec["heads"])
@@ -546,7 +551,7 @@ def draw_results(rows: Sequence[dict[str, Any]], time_axis, memory_axis) -> None
     ``"ok"`` are left out. ``rows`` are dicts as in ``results.csv`` (strings or numbers).
     """
     rows = [r for r in rows if r["status"] == "ok"]
-    colours = dict(zip(CASES, ("tab:red", "tab:blue", "tab:green", "tab:gray")))
+    colours = dict(zip(CASES, ("tab:red", "tab:blue", "tab:green", "tab:gray", "tab:olive")))
     for case, label in CASES.items():
         for mode, style in (("fwd+bwd", "-"), ("fwd", "--")):
             points = sorted((int(r["n"]), float(r["median_s"]), float(r["peak_bytes"])) for r in rows

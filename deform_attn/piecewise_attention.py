@@ -62,15 +62,16 @@ def kink_crossings(
         log_distance: whether ``t`` is the signed log of the distance.
 
     Returns:
-        (rows, m, k) int64 query indices in ``[0, n]``; ``0``: the kink is already passed at the
+        (rows, m, k) int32 query indices in ``[0, n]``; ``0``: the kink is already passed at the
         first query, ``n``: never passed inside the sequence. Computed in float64; where a pair
         lies within rounding of a kink it may land on either side, which changes the bias by a
         rounding error only, because the bias is continuous at its kinks.
     """
     thresholds = _inverse_transform(kinks.to(torch.float64), log_distance)  # (k,)
-    # u_i - w_j > D_k  <=>  i > (w_j + D_k - c) / a
-    boundary = (key_values.to(torch.float64)[:, :, None] + thresholds - query_origin) / query_step
-    return (boundary.clamp(-1.0, float(length)).floor() + 1).clamp_(0, length).to(torch.int64)
+    # u_i - w_j > D_k  <=>  i > (w_j + D_k - c) / a; in place: this tensor is (rows, m, k)
+    boundary = key_values.to(torch.float64)[:, :, None] + (thresholds - query_origin)
+    boundary.div_(query_step).clamp_(-1.0, float(length)).floor_().add_(1).clamp_(0, length)
+    return boundary.to(torch.int32)
 
 
 class _Events:
@@ -83,29 +84,33 @@ class _Events:
         crossings = kink_crossings(key_values, kinks, length, query_step, query_origin, log_distance)  # (rows, m, k)
         # interval at the first query: the kinks already passed there
         self.first_interval = (crossings == 0).sum(-1)  # (rows, m)
-        crossings = crossings.view(rows * cells, num_kinks)
-        key_index, kink = ((crossings > 0) & (crossings < length)).nonzero(as_tuple=True)  # (e,) each
-        query = crossings[key_index, kink]
+        flat = ((crossings > 0) & (crossings < length)).view(-1).nonzero().squeeze(1)  # (e,) into (rows m k)
+        query = crossings.view(-1)[flat]
         del crossings
+        num_chunks = -(-length // chunk)
+        # a stable sort by chunk keeps each key's crossings in kink order; small keys sort fastest
         chunk_of_event = torch.div(query, chunk, rounding_mode="floor")
+        chunk_of_event = chunk_of_event.to(torch.int16 if num_chunks < 2**15 else torch.int32)
         order = torch.argsort(chunk_of_event, stable=True)
-        key_index, kink, query = key_index[order], kink[order], query[order]
-        counts = torch.bincount(chunk_of_event, minlength=-(-length // chunk))
-        self.bounds = [0] + torch.cumsum(counts, 0).tolist()
-        # int32 halves what is kept for the backward pass; offsets inside a chunk buffer fit easily
-        self.key_index, self.kink = key_index.to(torch.int32), kink.to(torch.int32)
-        self.column = (query - torch.div(query, chunk, rounding_mode="floor") * chunk).to(torch.int32)
-        row, key = key_index // cells, key_index % cells
-        output = torch.arange(outputs, device=key_index.device)
-        # (row, o, key) row of a (rows, o, m, width) buffer, one per (event, output)
-        self.buffer_row = ((row[:, None] * outputs + output) * cells + key[:, None]).to(torch.int32)  # (e, o)
+        self.bounds = [0] + torch.cumsum(torch.bincount(chunk_of_event.to(torch.int32), minlength=num_chunks), 0).tolist()
+        flat, self.query = flat[order], query[order]
+        key_index = torch.div(flat, num_kinks, rounding_mode="floor")
+        # int32 halves what is kept for the backward pass
+        self.key_index = key_index.to(torch.int32)  # row * m + key
+        self.kink = (flat - key_index * num_kinks).to(torch.int32)
 
     def chunk_events(self, index: int, width: int) -> tuple[slice, Tensor, Tensor]:
         """Crossings in chunk ``index``: their slice, kinks, and flat indices into a
         (rows, o, m, width) buffer (one per event and output) at their column."""
         part = slice(self.bounds[index], self.bounds[index + 1])
-        targets = self.buffer_row[part].to(torch.int64) * width + self.column[part, None]
-        return part, self.kink[part], targets.reshape(-1)
+        key_index = self.key_index[part].to(torch.int64)
+        column = self.query[part] - index * self.chunk
+        if self.outputs == 1:
+            return part, self.kink[part], key_index * width + column
+        row, key = key_index // self.cells, key_index % self.cells
+        output = torch.arange(self.outputs, device=key_index.device)
+        buffer_row = (row[:, None] * self.outputs + output) * self.cells + key[:, None]  # (e, o)
+        return part, self.kink[part], (buffer_row * width + column[:, None]).reshape(-1)
 
 
 def _chunk_coefficients(events, index, start_interval, slopes, intercepts, steps, width, buffer):
@@ -130,14 +135,15 @@ def _chunk_coefficients(events, index, start_interval, slopes, intercepts, steps
     return coefficients, part
 
 
-def _chunk_distance_terms(query_values, key_values, log_distance):
-    """``t`` and ``dt/dd`` of the (rows, m, c) pairs of one chunk (``None``: derivative 1)."""
+def _chunk_distance_terms(query_values, key_values, log_distance, keep_magnitude):
+    """``t`` and ``|d|`` of the (rows, m, c) pairs of one chunk (``|d|`` only if asked and logged)."""
     distance = query_values[None, None, :] - key_values[:, :, None]
     if not log_distance:
         return distance, None
+    if not keep_magnitude:
+        return distance.abs().log1p_().copysign_(distance), None
     magnitude = distance.abs()
-    t = torch.log1p(magnitude).copysign_(distance)
-    return t, magnitude
+    return torch.log1p(magnitude).copysign_(distance), magnitude
 
 
 class _PiecewiseBiasedAttention(torch.autograd.Function):
@@ -159,9 +165,9 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
         for index, start in enumerate(range(0, length, chunk)):
             width = min(chunk, length - start)
             coefficients, part = _chunk_coefficients(events, index, interval, slopes, intercepts, steps, width, buffer)
-            t, _ = _chunk_distance_terms(query_values[start : start + width], key_values, log_distance)
+            t, _ = _chunk_distance_terms(query_values[start : start + width], key_values, log_distance, False)
             # bias = slope * t + intercept, per head: (rows, o, m, c) -> (b h, m, c)
-            scores = torch.addcmul(coefficients[1], coefficients[0], t[:, None]).view(batch * heads, cells, width)
+            scores = coefficients[1].addcmul_(coefficients[0], t[:, None]).view(batch * heads, cells, width)
             if key_padding is not None:
                 scores.view(batch, heads, cells, width).masked_fill_(key_padding[:, None, :, None], -math.inf)
             queries = q_rows[:, start : start + width]  # (b h, c, d)
@@ -211,8 +217,9 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
             width = min(chunk, length - start)
             stop = start + width
             coefficients, part = _chunk_coefficients(events, index, interval, slopes, intercepts, steps, width, buffer)
-            t, magnitude = _chunk_distance_terms(query_values[start:stop], key_values, log_distance)
-            scores = torch.addcmul(coefficients[1], coefficients[0], t[:, None]).view(batch * heads, cells, width)
+            t, magnitude = _chunk_distance_terms(query_values[start:stop], key_values, log_distance, True)
+            # the slopes are needed again below, the intercepts are not
+            scores = coefficients[1].addcmul_(coefficients[0], t[:, None]).view(batch * heads, cells, width)
             if key_padding is not None:
                 scores.view(batch, heads, cells, width).masked_fill_(key_padding[:, None, :, None], -math.inf)
             queries, grad_chunk = q_rows[:, start:stop], grad_rows[:, start:stop]  # (b h, c, d)

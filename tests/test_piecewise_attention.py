@@ -90,7 +90,7 @@ def test_auto_picks_piecewise_on_cpu_and_sdpa_where_it_does_not_apply():
 
 def test_chunk_budget_per_kernel():
     layer = DeformableAttention1D(dim=16, heads=2, dim_head=8)
-    assert layer.chunk_queries("piecewise", batch=1, cells=512) == 2**20 // (2 * 512)
+    assert layer.chunk_queries("piecewise", batch=1, cells=512) == 2**21 // (2 * 512)
     assert layer.chunk_queries("sdpa", batch=1, cells=512) == 2**23 // (2 * 512)
     assert DeformableAttention1D(dim=16, heads=2, max_bias_elements=100).chunk_queries("piecewise", 1, 512) == 1
 
@@ -208,7 +208,7 @@ def test_crossings_count_the_kinks_below_each_pair(log_distance):
     kinks = bias.table(torch.float64)[0]
     u, w, step, origin = distance_coordinates(torch.arange(120), offsets, 120, 3)
     crossings = kink_crossings(w, kinks, 120, step, origin, log_distance)  # (b g, m, k)
-    assert crossings.dtype == torch.int64 and crossings.min() >= 0 and crossings.max() <= 120
+    assert crossings.dtype == torch.int32 and crossings.min() >= 0 and crossings.max() <= 120
     t = bias.transform(u[None, :, None] - w[:, None, :])  # (b g, n, m)
     expected = torch.searchsorted(kinks, t.contiguous())
     counted = (crossings[:, None, :, :] <= torch.arange(120)[None, :, None, None]).sum(-1)
@@ -221,8 +221,8 @@ def test_crossings_of_kinks_beyond_float_range():
     kinks = torch.tensor([-1000.0, -1.0, 0.5, 800.0], dtype=torch.float64)
     w = torch.tensor([[0.0, 5.0]], dtype=torch.float64)
     crossings = kink_crossings(w, kinks, 10, 1.0, 0.0, log_distance=True)
-    assert torch.equal(crossings[..., 0], torch.zeros(1, 2, dtype=torch.int64))
-    assert torch.equal(crossings[..., 3], torch.full((1, 2), 10))
+    assert torch.equal(crossings[..., 0], torch.zeros(1, 2, dtype=torch.int32))
+    assert torch.equal(crossings[..., 3], torch.full((1, 2), 10, dtype=torch.int32))
     # t > -1 <=> d > -(e - 1): first i with i - w > -1.718
     assert crossings[0, :, 1].tolist() == [0, 4]
     # t > 0.5 <=> d > e^0.5 - 1 = 0.6487
