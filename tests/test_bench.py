@@ -183,3 +183,15 @@ def test_full_attention_matches_explicit_softmax():
     weights = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)  # scale 1 / sqrt(dim_head)
     expected = layer.to_out((weights @ v).transpose(2, 3).reshape(2, 8, 10))
     torch.testing.assert_close(layer(x), expected)
+
+
+def test_cases_c_and_e_are_the_same_layer_on_two_kernels():
+    import torch
+
+    spec = {"dim": 16, "dim_head": 4, "heads": 4, "downsample": 4}
+    default, sdpa = bench._build_layer("c", spec), bench._build_layer("e", spec)
+    x = torch.randn(1, 16, 400)  # long enough for "auto" to pick the piecewise kernel
+    kinks = default.position_bias.table(torch.float32)[0].numel()
+    assert default.resolved_attention_kernel(x, length=400, num_kinks=kinks) == "piecewise"
+    assert sdpa.resolved_attention_kernel(x) == "sdpa"
+    torch.testing.assert_close(default(x), sdpa(x), rtol=1e-5, atol=1e-6)

@@ -88,6 +88,31 @@ def test_auto_picks_piecewise_on_cpu_and_sdpa_where_it_does_not_apply():
     assert DeformableAttention1D(dim=16, heads=2, attention_kernel="sdpa").resolved_attention_kernel(x) == "sdpa"
 
 
+def test_auto_keeps_short_sequences_on_sdpa():
+    layer = DeformableAttention1D(dim=16, heads=2, dim_head=8)
+    x = torch.randn(1, 16, 24)
+    assert layer.resolved_attention_kernel(x, length=383, num_kinks=0) == "sdpa"
+    assert layer.resolved_attention_kernel(x, length=384, num_kinks=0) == "piecewise"
+    assert layer.resolved_attention_kernel(x, length=2039, num_kinks=255) == "sdpa"
+    assert layer.resolved_attention_kernel(x, length=2040, num_kinks=255) == "piecewise"
+    # an explicit choice is kept at any length
+    explicit = DeformableAttention1D(dim=16, heads=2, dim_head=8, attention_kernel="piecewise")
+    assert explicit.resolved_attention_kernel(x, length=24, num_kinks=255) == "piecewise"
+
+
+@pytest.mark.parametrize("length, expected_calls", [(40, 0), (400, 1)])
+def test_auto_calls_the_piecewise_kernel_only_for_long_sequences(length, expected_calls, monkeypatch):
+    import deform_attn.attention as attention_module
+
+    calls = []
+    kernel = attention_module.piecewise_biased_attention
+    monkeypatch.setattr(attention_module, "piecewise_biased_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    layer = DeformableAttention1D(dim=16, heads=2, dim_head=8)  # hidden 4: at most 24 kinks, so 384 decides
+    assert layer.position_bias.table(torch.float32)[0].numel() <= 24
+    layer(torch.randn(1, 16, length))
+    assert len(calls) == expected_calls
+
+
 def test_chunk_budget_per_kernel():
     layer = DeformableAttention1D(dim=16, heads=2, dim_head=8)
     assert layer.chunk_queries("piecewise", batch=1, cells=512) == 2**21 // (2 * 512)
