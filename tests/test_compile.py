@@ -37,16 +37,20 @@ def assert_compiled_matches_eager(layer, backend: str, x: torch.Tensor, mask=Non
     assert max(gradient_errors(compiled_grads, eager_grads)) < 1e-4
 
 
+@pytest.mark.parametrize("kernel", ["piecewise", "sdpa"])
 @pytest.mark.parametrize("geometry", ["centered", "lucidrains"])
-def test_compile_aot_eager_matches_eager(geometry):
-    assert_compiled_matches_eager(make_layer(geometry=geometry), "aot_eager", torch.randn(2, 16, 24))
+def test_compile_aot_eager_matches_eager(geometry, kernel):
+    layer = make_layer(geometry=geometry, attention_kernel=kernel)
+    assert_compiled_matches_eager(layer, "aot_eager", torch.randn(2, 16, 24))
 
 
-def test_compile_aot_eager_with_mask():
+@pytest.mark.parametrize("kernel", ["piecewise", "sdpa"])
+def test_compile_aot_eager_with_mask(kernel):
     mask = torch.arange(24)[None, :] < torch.tensor([[24], [13]])
-    assert_compiled_matches_eager(make_layer(), "aot_eager", torch.randn(2, 16, 24), mask)
+    assert_compiled_matches_eager(make_layer(attention_kernel=kernel), "aot_eager", torch.randn(2, 16, 24), mask)
 
 
 @pytest.mark.slow
-def test_compile_inductor_matches_eager():
-    assert_compiled_matches_eager(make_layer(), "inductor", torch.randn(2, 16, 24))
+@pytest.mark.parametrize("kernel", ["piecewise", "sdpa"])
+def test_compile_inductor_matches_eager(kernel):
+    assert_compiled_matches_eager(make_layer(attention_kernel=kernel), "inductor", torch.randn(2, 16, 24))

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import gradient_errors, max_relative_error
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from deform_attn import ContinuousPositionBias, DeformableAttention1D, linear_sample_1d, linear_sample_1d_reference
@@ -87,6 +87,33 @@ def test_fast_paths_equal_reference_paths(args):
 
 
 @settings(max_examples=60)
+@given(layer_configs(), st.integers(1, 400), st.data())
+def test_piecewise_kernel_equals_sdpa_kernel(args, max_bias_elements, data):
+    """The piecewise kernel and SDPA give the same outputs and gradients, with or without padding."""
+    config, batch, length, seed = args
+    assume(config["position_bias"] == "cpb")
+    torch.manual_seed(seed)
+    piecewise = DeformableAttention1D(**config, attention_kernel="piecewise", max_bias_elements=max_bias_elements)
+    sdpa = DeformableAttention1D(**config, attention_kernel="sdpa")
+    sdpa.load_state_dict(piecewise.state_dict())
+    mask = None
+    if config["geometry"] == "centered" and data.draw(st.booleans()):
+        r = config["downsample_factor"]
+        lengths = data.draw(st.lists(st.integers(r, length), min_size=batch, max_size=batch))
+        mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+    x = torch.randn(batch, config["dim"], length, dtype=torch.float64)
+    results = []
+    for layer in (piecewise.double().eval(), sdpa.double().eval()):
+        xi = x.clone().requires_grad_()
+        out = layer(xi) if mask is None else layer(xi, mask)
+        grads = torch.autograd.grad(out.pow(2).sum(), [xi, *layer.parameters()])
+        results.append((out, grads))
+    (piecewise_out, piecewise_grads), (sdpa_out, sdpa_grads) = results
+    assert max_relative_error(piecewise_out, sdpa_out) < 1e-10
+    assert max(gradient_errors(piecewise_grads, sdpa_grads)) < 1e-8
+
+
+@settings(max_examples=60)
 @given(layer_configs(geometries=("centered",)), st.data())
 def test_padding_invariance(args, data):
     """Each padded row equals the row alone, and padded outputs are zero, for random configs."""
@@ -126,13 +153,22 @@ def small_mlps(draw):
 
 
 def _rounding_magnitude(cpb, distance, dtype):
-    """1 + |slope * t| + |intercept| per point: the size of the terms the affine form adds, which
-    is what float rounding is relative to (near a kink both terms can be large and cancel)."""
+    """Per point, what float rounding of either path is relative to: 1 + the larger of
+
+    * ``|slope * t| + |intercept|``, the terms the fast path's affine form adds (near a kink both
+      can be large and cancel), and
+    * the plain MLP's terms, ``|W| |h| + |b|`` carried through its layers (with large weights its
+      hidden values are far larger than its output, and their rounding shows in the output).
+    """
     with torch.no_grad():
         kinks, slopes, intercepts = cpb.table(dtype)
         t = cpb.transform(distance.detach())
         interval = torch.searchsorted(kinks, t.contiguous())
-        return 1 + (slopes[interval] * t.unsqueeze(-1)).abs() + intercepts[interval].abs()
+        affine = (slopes[interval] * t.unsqueeze(-1)).abs() + intercepts[interval].abs()
+        mlp = t.abs().unsqueeze(-1)
+        for layer in cpb.linears:
+            mlp = mlp @ layer.weight.abs().T + layer.bias.abs()
+        return 1 + torch.maximum(affine, mlp)
 
 
 @settings(max_examples=100)
