@@ -275,6 +275,39 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
         )
 
 
+def _check_arguments(q, k, v, key_values, query_values, kinks, slopes, intercepts, query_step, chunk, key_padding):
+    if not (isinstance(query_step, (int, float)) and query_step > 0):
+        raise ValueError(f"query_step: expected a positive number, got {query_step!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk: expected a positive integer, got {chunk!r}")
+    if q.ndim != 4:
+        raise ValueError(f"q: expected shape (b, h, n, d), got {tuple(q.shape)}")
+    batch, heads, length, channels = q.shape
+    for name, tensor in (("k", k), ("v", v)):
+        if tensor.ndim != 4 or tensor.shape[:2] != (batch, heads) or tensor.shape[3] != channels:
+            raise ValueError(f"{name}: expected shape (b, h, m, d) = ({batch}, {heads}, m, {channels}), got {tuple(tensor.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected the shape of k, {tuple(k.shape)}, got {tuple(v.shape)}")
+    cells = k.shape[2]
+    if key_values.ndim != 2 or key_values.shape[1] != cells or key_values.shape[0] % batch:
+        raise ValueError(f"key_values: expected shape (b g, m) with b = {batch}, m = {cells}, got {tuple(key_values.shape)}")
+    groups = key_values.shape[0] // batch
+    if groups == 0 or heads % groups:
+        raise ValueError(f"key_values: {groups} groups per sequence do not divide the {heads} heads")
+    if query_values.shape != (length,):
+        raise ValueError(f"query_values: expected shape (n,) = ({length},), got {tuple(query_values.shape)}")
+    if kinks.ndim != 1 or slopes.shape != (kinks.shape[0] + 1, heads // groups) or intercepts.shape != slopes.shape:
+        raise ValueError(
+            f"table: expected kinks (k,), slopes and intercepts (k + 1, h / g = {heads // groups}); got "
+            f"{tuple(kinks.shape)}, {tuple(slopes.shape)}, {tuple(intercepts.shape)}"
+        )
+    if key_padding is not None and (key_padding.dtype != torch.bool or key_padding.shape != (batch, cells)):
+        raise ValueError(
+            f"key_padding: expected a bool tensor of shape (b, m) = ({batch}, {cells}), got "
+            f"{key_padding.dtype} {tuple(key_padding.shape)}"
+        )
+
+
 def piecewise_biased_attention(
     q: Tensor,
     k: Tensor,
@@ -311,8 +344,7 @@ def piecewise_biased_attention(
         slopes and intercepts.
     """
     kinks, slopes, intercepts = table
-    if not query_step > 0:
-        raise ValueError(f"query_step: expected a positive number, got {query_step!r}")
+    _check_arguments(q, k, v, key_values, query_values, kinks, slopes, intercepts, query_step, chunk, key_padding)
     return _PiecewiseBiasedAttention.apply(
         q, k, v, key_values, kinks, slopes, intercepts, query_values,
         (float(query_step), float(query_origin), bool(log_distance), float(scale), int(chunk)), key_padding,

@@ -217,6 +217,34 @@ def test_kernel_refuses_second_derivatives():
     assert grad.abs().max() > 0
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"q": torch.zeros(2, 4, 23)}, r"^q: expected shape \(b, h, n, d\)"),
+        ({"k": torch.zeros(2, 4, 7, 6)}, r"^k: expected shape \(b, h, m, d\)"),
+        ({"v": torch.zeros(2, 4, 8, 5)}, r"^v: expected"),
+        ({"key_values": torch.zeros(3, 7)}, r"^key_values: expected shape \(b g, m\)"),
+        ({"key_values": torch.zeros(6, 7)}, r"^key_values: 3 groups per sequence do not divide the 4 heads"),
+        ({"query_values": torch.zeros(22)}, r"^query_values: expected shape \(n,\)"),
+        ({"chunk": 0}, r"^chunk: expected a positive integer"),
+        ({"key_padding": torch.zeros(2, 7)}, r"^key_padding: expected a bool tensor"),
+        ({"table": "wrong outputs"}, r"^table: expected kinks \(k,\), slopes and intercepts \(k \+ 1, h / g = 2\)"),
+    ],
+)
+def test_kernel_rejects_bad_arguments(change, message):
+    bias, offsets, q, k, v = kernel_inputs()
+    u, w, step, origin = distance_coordinates(torch.arange(23), offsets, 23, 3)
+    kinks, slopes, intercepts = bias.table(torch.float64)
+    arguments = dict(q=q, k=k, v=v, key_values=w, query_values=u, query_step=step, query_origin=origin,
+                     table=(kinks, slopes, intercepts), log_distance=True, scale=1.0, chunk=4)
+    if change.get("table") == "wrong outputs":
+        change = {"table": (kinks, slopes[:, :1], intercepts[:, :1])}
+    arguments.update({name: value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+                      for name, value in change.items()})
+    with pytest.raises(ValueError, match=message):
+        piecewise_biased_attention(**arguments)
+
+
 def test_kernel_rejects_decreasing_query_coordinates():
     bias, offsets, q, k, v = kernel_inputs()
     with pytest.raises(ValueError, match=r"^query_step: expected a positive number"):
