@@ -81,6 +81,7 @@ class _Events:
         rows, cells = key_values.shape
         num_kinks = kinks.shape[0]
         self.rows, self.cells, self.outputs, self.chunk, self.length = rows, cells, outputs, chunk, length
+        self.log_distance = log_distance
         crossings = kink_crossings(key_values, kinks, length, query_step, query_origin, log_distance)  # (rows, m, k)
         # interval at the first query: the kinks already passed there
         self.first_interval = (crossings == 0).sum(-1)  # (rows, m)
@@ -113,28 +114,6 @@ class _Events:
         return part, self.kink[part], (buffer_row * width + column[:, None]).reshape(-1)
 
 
-def _chunk_coefficients(events, index, start_interval, slopes, intercepts, steps, width, buffer):
-    """Slope and intercept of every (row, output, key, query) pair of one chunk, and the events.
-
-    ``start_interval`` (rows, m): exact interval index at the chunk's first query. Its table row
-    seeds column 0, so rounding from the prefix sum never crosses a chunk boundary. ``steps``:
-    (2, k, o) differences between the pieces on either side of each kink.
-    """
-    rows, cells, outputs = events.rows, events.cells, events.outputs
-    part, kink, targets = events.chunk_events(index, width)
-    buffer = buffer[:, : rows * outputs * cells * width].view(2, rows, outputs, cells, width)
-    buffer.zero_()
-    flat = start_interval.reshape(-1)
-    # shape: (intervals, o) table -> (rows, o, m) start values
-    buffer[0, ..., 0] = slopes.index_select(0, flat).view(rows, cells, outputs).transpose(1, 2)
-    buffer[1, ..., 0] = intercepts.index_select(0, flat).view(rows, cells, outputs).transpose(1, 2)
-    # crossing kink k adds the difference between the pieces on either side of it
-    for which in range(2):
-        buffer[which].view(-1).index_add_(0, targets, steps[which].index_select(0, kink).view(-1))
-    coefficients = torch.cumsum(buffer, dim=-1)  # (2, rows, o, m, c)
-    return coefficients, part
-
-
 def _chunk_distance_terms(query_values, key_values, log_distance, keep_magnitude):
     """``t`` and ``|d|`` of the (rows, m, c) pairs of one chunk (``|d|`` only if asked and logged)."""
     distance = query_values[None, None, :] - key_values[:, :, None]
@@ -144,6 +123,43 @@ def _chunk_distance_terms(query_values, key_values, log_distance, keep_magnitude
         return distance.abs().log1p_().copysign_(distance), None
     magnitude = distance.abs()
     return torch.log1p(magnitude).copysign_(distance), magnitude
+
+
+def _chunk_logits(events, slopes, intercepts, query_values, key_values, q_rows, k_rows, key_padding, scale, keep_magnitude):
+    """Walk the query chunks in order; yield each chunk's logits ``q k^T * scale + bias``, (b h, m, c).
+
+    Per chunk it yields ``(start, width, part, targets, pair_slopes, t, magnitude, logits)``:
+    the chunk's crossings (slice and flat buffer indices), the slope of every (row, o, m, c) pair,
+    ``t`` and ``|d|`` of the (row, m, c) pairs (see :func:`_chunk_distance_terms`). Slopes and
+    intercepts are prefix sums of the steps at the crossings, seeded in column 0 with the exact
+    table row of each key's interval at the chunk's first query, so rounding never carries
+    across chunks.
+    """
+    rows, cells, outputs = events.rows, events.cells, events.outputs
+    buffer = q_rows.new_empty(2, rows * outputs * cells * events.chunk)
+    steps = torch.stack([slopes.diff(dim=0), intercepts.diff(dim=0)])  # (2, k, o) step at each kink
+    interval = events.first_interval.clone()  # (rows, m), exact
+    for index, start in enumerate(range(0, events.length, events.chunk)):
+        width = min(events.chunk, events.length - start)
+        part, kink, targets = events.chunk_events(index, width)
+        coefficients = buffer[:, : rows * outputs * cells * width].view(2, rows, outputs, cells, width)
+        coefficients.zero_()
+        flat = interval.reshape(-1)
+        # shape: (intervals, o) table -> (rows, o, m) start values
+        coefficients[0, ..., 0] = slopes.index_select(0, flat).view(rows, cells, outputs).transpose(1, 2)
+        coefficients[1, ..., 0] = intercepts.index_select(0, flat).view(rows, cells, outputs).transpose(1, 2)
+        for which in range(2):  # crossing kink k adds the step between the pieces on either side
+            coefficients[which].view(-1).index_add_(0, targets, steps[which].index_select(0, kink).view(-1))
+        coefficients = torch.cumsum(coefficients, dim=-1)  # (2, rows, o, m, c)
+        t, magnitude = _chunk_distance_terms(query_values[start : start + width], key_values, events.log_distance, keep_magnitude)
+        # bias = slope * t + intercept, per head: (rows, o, m, c) -> (b h, m, c); the intercepts are done
+        logits = coefficients[1].addcmul_(coefficients[0], t[:, None]).view(-1, cells, width)
+        if key_padding is not None:
+            logits.view(key_padding.shape[0], -1, cells, width).masked_fill_(key_padding[:, None, :, None], -math.inf)
+        queries = q_rows[:, start : start + width]  # (b h, c, d)
+        logits.baddbmm_(k_rows, queries.transpose(1, 2), alpha=scale)
+        yield start, width, part, targets, coefficients[0], t, magnitude, logits
+        interval += torch.bincount(events.key_index[part], minlength=rows * cells).view(rows, cells)
 
 
 class _PiecewiseBiasedAttention(torch.autograd.Function):
@@ -159,19 +175,8 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         out_rows = out.view(batch * heads, length, -1)  # (b h, n, d)
         log_sum_exp = q_rows.new_empty(batch * heads, length)
-        buffer = q_rows.new_empty(2, rows * outputs * cells * chunk)
-        steps = torch.stack([slopes.diff(dim=0), intercepts.diff(dim=0)])  # (2, k, o)
-        interval = events.first_interval.clone()
-        for index, start in enumerate(range(0, length, chunk)):
-            width = min(chunk, length - start)
-            coefficients, part = _chunk_coefficients(events, index, interval, slopes, intercepts, steps, width, buffer)
-            t, _ = _chunk_distance_terms(query_values[start : start + width], key_values, log_distance, False)
-            # bias = slope * t + intercept, per head: (rows, o, m, c) -> (b h, m, c)
-            scores = coefficients[1].addcmul_(coefficients[0], t[:, None]).view(batch * heads, cells, width)
-            if key_padding is not None:
-                scores.view(batch, heads, cells, width).masked_fill_(key_padding[:, None, :, None], -math.inf)
-            queries = q_rows[:, start : start + width]  # (b h, c, d)
-            scores.baddbmm_(k_rows, queries.transpose(1, 2), alpha=scale)  # (b h, m, c)
+        chunks = _chunk_logits(events, slopes, intercepts, query_values, key_values, q_rows, k_rows, key_padding, scale, False)
+        for start, width, _, _, _, _, _, scores in chunks:
             # softmax over the keys (dim 1); the normalisation is applied to the (d, c) output
             peak = scores.amax(dim=1, keepdim=True)
             weights = scores.sub_(peak).exp_()
@@ -179,9 +184,8 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
             chunk_out = torch.bmm(v_rows.transpose(1, 2), weights).div_(total)  # (b h, d, c)
             out_rows[:, start : start + width] = chunk_out.transpose(1, 2)
             log_sum_exp[:, start : start + width] = (peak + total.log()).squeeze(1)
-            interval += torch.bincount(events.key_index[part], minlength=rows * cells).view(rows, cells)
 
-        ctx.geometry = geometry
+        ctx.scale = scale
         ctx.events = events
         ctx.save_for_backward(q, k, v, key_values, kinks, slopes, intercepts, query_values, key_padding, out, log_sum_exp)
         return out
@@ -194,8 +198,8 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
                 "DeformableAttention1D(attention_kernel='sdpa', fast_position_bias=False) for higher derivatives"
             )
         q, k, v, key_values, kinks, slopes, intercepts, query_values, key_padding, out, log_sum_exp = ctx.saved_tensors
-        query_step, query_origin, log_distance, scale, chunk = ctx.geometry
-        events = ctx.events
+        scale, events = ctx.scale, ctx.events
+        chunk = events.chunk
         batch, heads, length, _ = q.shape
         rows, cells = key_values.shape
         outputs = slopes.shape[1]
@@ -209,21 +213,11 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
         # running sums over the queries seen so far, per (row, o, m): of g t (slopes) and g (intercepts)
         running = q_rows.new_zeros(2, rows * outputs * cells)
         event_prefix = q_rows.new_empty(2, events.key_index.shape[0] * outputs)
-        buffer = q_rows.new_empty(2, rows * outputs * cells * chunk)
         prefix_buffer = q_rows.new_empty(2, rows * outputs * cells * chunk)
-        steps = torch.stack([slopes.diff(dim=0), intercepts.diff(dim=0)])  # (2, k, o)
-        interval = events.first_interval.clone()
-        for index, start in enumerate(range(0, length, chunk)):
-            width = min(chunk, length - start)
+        chunks = _chunk_logits(events, slopes, intercepts, query_values, key_values, q_rows, k_rows, key_padding, scale, True)
+        for start, width, part, targets, pair_slopes, t, magnitude, scores in chunks:
             stop = start + width
-            coefficients, part = _chunk_coefficients(events, index, interval, slopes, intercepts, steps, width, buffer)
-            t, magnitude = _chunk_distance_terms(query_values[start:stop], key_values, log_distance, True)
-            # the slopes are needed again below, the intercepts are not
-            scores = coefficients[1].addcmul_(coefficients[0], t[:, None]).view(batch * heads, cells, width)
-            if key_padding is not None:
-                scores.view(batch, heads, cells, width).masked_fill_(key_padding[:, None, :, None], -math.inf)
             queries, grad_chunk = q_rows[:, start:stop], grad_rows[:, start:stop]  # (b h, c, d)
-            scores.baddbmm_(k_rows, queries.transpose(1, 2), alpha=scale)
             weights = scores.sub_(log_sum_exp[:, None, start:stop]).exp_()  # (b h, m, c)
             grad_v.baddbmm_(weights, grad_chunk)
             # dS = P * (dP - D), dP = V dO^T
@@ -234,7 +228,7 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
 
             grad_bias = grad_scores.view(rows, outputs, cells, width)
             # distance: d bias / d w_j = -slope * dt/dd
-            grad_t = (grad_bias * coefficients[0]).sum(1) if outputs > 1 else grad_bias[:, 0] * coefficients[0, :, 0]
+            grad_t = (grad_bias * pair_slopes).sum(1) if outputs > 1 else grad_bias[:, 0] * pair_slopes[:, 0]
             if magnitude is not None:
                 grad_t.div_(magnitude.add_(1))
             grad_key_values -= grad_t.sum(-1)
@@ -244,12 +238,10 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
             torch.cumsum(grad_bias, -1, out=prefixes[1])
             prefixes = prefixes.view(2, -1)
             # a crossing at column c sees the sum over the queries before it: columns < c
-            _, _, targets = events.chunk_events(index, width)
             before = prefixes.index_select(1, (targets - 1).clamp_(min=0))
             before.masked_fill_(targets % width == 0, 0)
             event_prefix[:, part.start * outputs : part.stop * outputs] = before + running.index_select(1, targets // width)
             running += prefixes.view(2, -1, width)[:, :, -1]
-            interval += torch.bincount(events.key_index[part], minlength=rows * cells).view(rows, cells)
 
         # running now holds the totals; a crossing's gradient is the sum over the queries past it
         totals = running.view(2, rows, outputs, cells)

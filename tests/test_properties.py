@@ -65,6 +65,13 @@ def test_output_shape_and_finite(args):
     assert torch.isfinite(x.grad).all()
 
 
+def _outputs_and_grads(layer, x, mask=None):
+    """The layer's output on ``x`` and the gradients of ``sum(out^2)`` wrt ``x`` and every parameter."""
+    x = x.clone().requires_grad_()
+    out = layer(x) if mask is None else layer(x, mask)
+    return out, torch.autograd.grad(out.pow(2).sum(), [x, *layer.parameters()])
+
+
 @settings(max_examples=60)
 @given(layer_configs())
 def test_fast_paths_equal_reference_paths(args):
@@ -74,14 +81,8 @@ def test_fast_paths_equal_reference_paths(args):
     slow = DeformableAttention1D(**config, fast_position_bias=False, fast_sampling=False).eval()
     slow.load_state_dict(fast.state_dict())
     x = torch.randn(batch, config["dim"], length, dtype=torch.float64)
-    fast, slow = fast.double(), slow.double()
-    results = []
-    for layer in (fast, slow):
-        xi = x.clone().requires_grad_()
-        out = layer(xi)
-        grads = torch.autograd.grad(out.pow(2).sum(), [xi, *layer.parameters()])
-        results.append((out, grads))
-    (fast_out, fast_grads), (slow_out, slow_grads) = results
+    fast_out, fast_grads = _outputs_and_grads(fast.double(), x)
+    slow_out, slow_grads = _outputs_and_grads(slow.double(), x)
     assert max_relative_error(fast_out, slow_out) < 1e-10
     assert max(gradient_errors(fast_grads, slow_grads)) < 1e-8
 
@@ -102,13 +103,8 @@ def test_piecewise_kernel_equals_sdpa_kernel(args, max_bias_elements, data):
         lengths = data.draw(st.lists(st.integers(r, length), min_size=batch, max_size=batch))
         mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
     x = torch.randn(batch, config["dim"], length, dtype=torch.float64)
-    results = []
-    for layer in (piecewise.double().eval(), sdpa.double().eval()):
-        xi = x.clone().requires_grad_()
-        out = layer(xi) if mask is None else layer(xi, mask)
-        grads = torch.autograd.grad(out.pow(2).sum(), [xi, *layer.parameters()])
-        results.append((out, grads))
-    (piecewise_out, piecewise_grads), (sdpa_out, sdpa_grads) = results
+    piecewise_out, piecewise_grads = _outputs_and_grads(piecewise.double().eval(), x, mask)
+    sdpa_out, sdpa_grads = _outputs_and_grads(sdpa.double().eval(), x, mask)
     assert max_relative_error(piecewise_out, sdpa_out) < 1e-10
     assert max(gradient_errors(piecewise_grads, sdpa_grads)) < 1e-8
 
