@@ -17,7 +17,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OffsetNetwork"]
+__all__ = ["OffsetNetwork", "ZeroOffsets", "default_offset_kernel_size", "check_offset_kernel_size"]
+
+# the reference's default kernel; valid for r = 2, 4, 6 only
+REFERENCE_OFFSET_KERNEL_SIZE = 6
+
+
+def check_offset_kernel_size(kernel_size: int, downsample_factor: int) -> None:
+    """Raise unless ``kernel_size >= downsample_factor`` and their difference is even.
+
+    The padding ``(k - r) / 2`` must be a whole number of tokens on each side, so that cell ``c``'s
+    receptive field is centred on its window.
+    """
+    if (
+        isinstance(kernel_size, bool)
+        or not isinstance(kernel_size, int)
+        or kernel_size < downsample_factor
+        or (kernel_size - downsample_factor) % 2
+    ):
+        raise ValueError(
+            f"offset_kernel_size: expected an integer >= downsample_factor ({downsample_factor}) "
+            f"with offset_kernel_size - downsample_factor even, got {kernel_size!r}"
+        )
+
+
+def default_offset_kernel_size(downsample_factor: int) -> int:
+    """What ``offset_kernel_size=None`` means: the valid kernel size nearest to the reference's 6.
+
+    Valid sizes are ``k >= r`` with ``k - r`` even. That is 6 itself for r = 2, 4, 6 (parity with
+    ``deformable-attention``'s default), 7 for r = 1, 3, 5 (5 and 7 are equally near; the larger
+    one sees one token beyond the cell on each side for r = 5), and r itself for r >= 7:
+    ``k = max(6, r)``, plus one when ``k - r`` is odd.
+    """
+    if isinstance(downsample_factor, bool) or not isinstance(downsample_factor, int) or downsample_factor < 1:
+        raise ValueError(f"downsample_factor: expected a positive integer, got {downsample_factor!r}")
+    kernel_size = max(REFERENCE_OFFSET_KERNEL_SIZE, downsample_factor)
+    return kernel_size + (kernel_size - downsample_factor) % 2
 
 
 class _ChannelLayerNorm(nn.Module):
@@ -57,11 +92,7 @@ class OffsetNetwork(nn.Module):
         bounded: bool = True,
     ):
         super().__init__()
-        if kernel_size < downsample_factor or (kernel_size - downsample_factor) % 2:
-            raise ValueError(
-                f"offset_kernel_size: expected an integer >= downsample_factor ({downsample_factor}) "
-                f"with offset_kernel_size - downsample_factor even, got {kernel_size}"
-            )
+        check_offset_kernel_size(kernel_size, downsample_factor)
         self.downsample_factor = downsample_factor
         self.offset_scale = offset_scale
         self.bounded = bounded
@@ -95,3 +126,22 @@ class OffsetNetwork(nn.Module):
         if self.bounded:
             raw = torch.tanh(raw)
         return raw * self.offset_scale
+
+
+class ZeroOffsets(nn.Module):
+    """An offset network that always answers zero: every cell samples its reference point.
+
+    Put in place of :class:`OffsetNetwork` (``layer.to_offsets = ZeroOffsets(r)``), it turns the
+    deformable layer into attention over ``n // r`` keys sampled at fixed window centres, the
+    "downsampled" ablation, without running (or keeping) an offset network.
+
+    Shapes: forward takes (batch * groups, channels, n) and returns (batch * groups, n // r) zeros.
+    """
+
+    def __init__(self, downsample_factor: int):
+        super().__init__()
+        self.downsample_factor = downsample_factor
+
+    def forward(self, grouped_queries: Tensor) -> Tensor:
+        rows, _, length = grouped_queries.shape
+        return grouped_queries.new_zeros(rows, length // self.downsample_factor)
