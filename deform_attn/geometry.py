@@ -29,7 +29,7 @@ Two geometries place the downsampled keys:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -44,10 +44,38 @@ __all__ = [
     "sample_positions",
     "query_key_distances",
     "distance_coordinates",
+    "DistanceCoordinates",
+    "QueryGrid",
 ]
 
 Geometry = Literal["centered", "lucidrains"]
 GEOMETRIES: tuple[str, ...] = ("centered", "lucidrains")
+
+
+class QueryGrid(NamedTuple):
+    """Query coordinates on a regular grid: ``u_i = step * i + origin``, with ``step > 0``."""
+
+    step: float
+    origin: float
+
+
+class DistanceCoordinates(NamedTuple):
+    """Coordinates whose differences are the position bias's distances: ``d[b, i, j] = u[i] - w[b, j]``.
+
+    Attributes:
+        queries: (queries,) ``u``.
+        keys: (batch, cells) ``w``.
+        step, origin: ``u[i] = step * query_positions[i] + origin`` up to rounding, ``step > 0``.
+    """
+
+    queries: Tensor
+    keys: Tensor
+    step: float
+    origin: float
+
+    @property
+    def grid(self) -> QueryGrid:
+        return QueryGrid(self.step, self.origin)
 
 
 def normalize_positions(positions: Tensor, length: int, *, align_corners: bool) -> Tensor:
@@ -142,23 +170,23 @@ def distance_coordinates(
     downsample_factor: int,
     *,
     geometry: Geometry = "centered",
-) -> tuple[Tensor, Tensor, float, float]:
+) -> DistanceCoordinates:
     """Coordinates whose differences are :func:`query_key_distances`: ``d[b, i, j] = u[i] - w[b, j]``.
 
     Queries sit on a regular grid, so ``u[i] = step * query_positions[i] + origin`` (up to
     rounding) with ``step > 0``; the piecewise attention kernel relies on that.
 
     Returns:
-        (u (queries,), w (batch, cells), step, origin).
+        :class:`DistanceCoordinates` ``(u (queries,), w (batch, cells), step, origin)``.
     """
     query_positions = query_positions.to(offsets_in_cells.dtype)
     if geometry == "centered":
         keys = sample_positions(offsets_in_cells, length, downsample_factor, geometry="centered")
-        return query_positions / downsample_factor, keys / downsample_factor, 1.0 / downsample_factor, 0.0
+        return DistanceCoordinates(query_positions / downsample_factor, keys / downsample_factor, 1.0 / downsample_factor, 0.0)
     if geometry == "lucidrains":
         cells = offsets_in_cells.shape[-1]
         k = torch.arange(cells, device=offsets_in_cells.device, dtype=offsets_in_cells.dtype)
         keys = normalize_positions(k + offsets_in_cells, cells, align_corners=True)
         queries = normalize_positions(query_positions, length, align_corners=True)
-        return queries, keys, 2.0 / max(length - 1, 1), -1.0
+        return DistanceCoordinates(queries, keys, 2.0 / max(length - 1, 1), -1.0)
     raise ValueError(f"geometry: expected one of {GEOMETRIES}, got {geometry!r}")

@@ -20,19 +20,84 @@ o outputs.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ContinuousPositionBias", "signed_log_distance", "piecewise_linear_table"]
+__all__ = [
+    "ContinuousPositionBias",
+    "PiecewiseLinearTable",
+    "signed_log_distance",
+    "signed_log_distance_inverse",
+    "signed_log_distance_derivative",
+    "transform_distance",
+    "inverse_transform_distance",
+    "piecewise_linear_table",
+    "piecewise_linear_bias",
+]
+
+
+# ------------------------------------------------------------------ the distance transform
+# One home for t(d) = sign(d) log(1 + |d|), its inverse and its derivative; every kernel calls these.
 
 
 def signed_log_distance(distance: Tensor) -> Tensor:
-    r"""SwinV2's log-spaced distance: :math:`\operatorname{sign}(d)\log(1 + |d|)`.
+    r"""SwinV2's log-spaced distance: :math:`t = \operatorname{sign}(d)\log(1 + |d|)`.
 
     Its derivative at 0 is 1; autograd through ``sign`` and ``abs`` would say 0 there, and exact
     zeros occur (an odd ``r`` with zero offsets puts keys on query tokens), hence the ``where``.
+    Built from ``where``/``sign``/``log1p`` only, so it also exports to ONNX.
     """
     return torch.where(distance == 0, distance, torch.sign(distance) * torch.log1p(distance.abs()))
+
+
+def signed_log_distance_inverse(t: Tensor) -> Tensor:
+    r"""The distance whose signed log is ``t``: :math:`d = \operatorname{sign}(t)(e^{|t|} - 1)`."""
+    return torch.expm1(t.abs()).copysign(t)
+
+
+def signed_log_distance_derivative(distance: Tensor) -> Tensor:
+    r""":math:`dt/dd = 1 / (1 + |d|)`, 1 at ``d = 0`` (see :func:`signed_log_distance`)."""
+    return (distance.abs() + 1).reciprocal()
+
+
+def transform_distance(distance: Tensor, log_distance: bool, *, keep_magnitude: bool = False):
+    """The position bias's input ``t`` for each distance, computed in few passes (no autograd).
+
+    For the kernels, which write their own backward: with ``log_distance`` the result is
+    :func:`signed_log_distance` (rounding aside), else ``distance`` itself. With
+    ``keep_magnitude`` it returns ``(t, |d|)``, the magnitude being what
+    :func:`signed_log_distance_derivative` needs (``None`` without the log).
+    """
+    if not log_distance:
+        return (distance, None) if keep_magnitude else distance
+    if not keep_magnitude:
+        return distance.abs().log1p_().copysign_(distance)
+    magnitude = distance.abs()
+    return torch.log1p(magnitude).copysign_(distance), magnitude
+
+
+def inverse_transform_distance(t: Tensor, log_distance: bool) -> Tensor:
+    """The distance at which the position bias's input reaches ``t``."""
+    return signed_log_distance_inverse(t) if log_distance else t
+
+
+class PiecewiseLinearTable(NamedTuple):
+    """A continuous piecewise-linear function of one scalar, one output per head of a group.
+
+    Interval ``i`` is ``(kinks[i - 1], kinks[i]]`` (open-ended at both extremes); on it the
+    function is ``slopes[i] * t + intercepts[i]``.
+
+    Attributes:
+        kinks: (k,) sorted.
+        slopes: (k + 1, o).
+        intercepts: (k + 1, o).
+    """
+
+    kinks: Tensor
+    slopes: Tensor
+    intercepts: Tensor
 
 
 def _representative_points(kinks: Tensor) -> Tensor:
@@ -86,7 +151,7 @@ def _find_kinks(linears: list[nn.Linear]) -> Tensor:
         return kinks
 
 
-def piecewise_linear_table(linears: list[nn.Linear], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def piecewise_linear_table(linears: list[nn.Linear], dtype: torch.dtype) -> PiecewiseLinearTable:
     """Kinks and per-interval (slope, intercept) of a ReLU MLP of one scalar.
 
     Args:
@@ -104,7 +169,7 @@ def piecewise_linear_table(linears: list[nn.Linear], dtype: torch.dtype) -> tupl
     device_type = linears[0].weight.device.type
     with torch.autocast(device_type=device_type, enabled=False):  # the table must be exact
         slopes, intercepts = _affine_pieces(linears, points, torch.promote_types(dtype, linears[0].weight.dtype))
-    return kinks.to(dtype), slopes.to(dtype), intercepts.to(dtype)
+    return PiecewiseLinearTable(kinks.to(dtype), slopes.to(dtype), intercepts.to(dtype))
 
 
 class ContinuousPositionBias(nn.Module):
@@ -134,6 +199,7 @@ class ContinuousPositionBias(nn.Module):
         self.fast = fast
         widths = [1] + [hidden_dim] * depth + [num_outputs]
         self.linears = nn.ModuleList(nn.Linear(w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:]))
+        self.frozen_table: PiecewiseLinearTable | None = None
 
     def transform(self, distance: Tensor) -> Tensor:
         """The MLP's input ``t`` for a distance (log-scaled or not)."""
@@ -145,16 +211,57 @@ class ContinuousPositionBias(nn.Module):
             t = torch.relu(layer(t))
         return self.linears[-1](t)
 
-    def table(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """Kinks, slopes and intercepts of the MLP (see :func:`piecewise_linear_table`)."""
+    def table(self, dtype: torch.dtype) -> PiecewiseLinearTable:
+        """Kinks, slopes and intercepts of the MLP (see :func:`piecewise_linear_table`).
+
+        After :meth:`freeze`, the frozen table (no gradients), cast to ``dtype``.
+        """
+        if self.frozen_table is not None:
+            return PiecewiseLinearTable(*(part.to(dtype) for part in self.frozen_table))
         return piecewise_linear_table(list(self.linears), dtype)
 
-    def forward(self, distance: Tensor, table: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    def freeze(self) -> PiecewiseLinearTable:
+        """Compute the table once, in float64, and use it until :meth:`unfreeze`.
+
+        The number of kinks depends on the weights, so a graph traced through
+        :func:`piecewise_linear_table` has a data-dependent shape; ``torch.export`` cannot trace
+        that. Frozen, the table is a constant of the traced program (export it in eval mode).
+        The frozen table carries no gradient: do not train while frozen.
+        """
+        with torch.no_grad():
+            table = piecewise_linear_table(list(self.linears), torch.float64)
+        self.frozen_table = PiecewiseLinearTable(*(part.detach() for part in table))
+        return self.frozen_table
+
+    def unfreeze(self) -> None:
+        """Recompute the table from the MLP's weights at every call again."""
+        self.frozen_table = None
+
+    def _apply(self, fn, recurse=True):  # .to(device) moves the frozen table with the weights
+        module = super()._apply(fn, recurse)
+        if self.frozen_table is not None:
+            device = self.linears[0].weight.device
+            self.frozen_table = PiecewiseLinearTable(*(part.to(device) for part in self.frozen_table))
+        return module
+
+    def reference_bias(self, distance: Tensor) -> Tensor:
+        """The MLP run on every distance: (...) -> (..., num_outputs). The reference path."""
+        return self.mlp(self.transform(distance).unsqueeze(-1))
+
+    def forward(self, distance: Tensor, table: PiecewiseLinearTable | None = None) -> Tensor:
         """Bias for each distance; ``table`` reuses one computed by :meth:`table`."""
         if not self.fast:
-            return self.mlp(self.transform(distance).unsqueeze(-1))
-        kinks, slopes, intercepts = table if table is not None else self.table(distance.dtype)
-        return _PiecewiseLinearBias.apply(distance, kinks, slopes, intercepts, self.log_distance)
+            return self.reference_bias(distance)
+        return piecewise_linear_bias(distance, table if table is not None else self.table(distance.dtype), self.log_distance)
+
+
+def piecewise_linear_bias(distance: Tensor, table: PiecewiseLinearTable, log_distance: bool) -> Tensor:
+    """The table's function of ``t = transform(distance)``: (...) -> (..., o), exact first derivatives.
+
+    Differentiable in ``distance`` and in the table's slopes and intercepts (once: a second
+    derivative raises; use the MLP itself, :meth:`ContinuousPositionBias.reference_bias`).
+    """
+    return _PiecewiseLinearBias.apply(distance, table.kinks, table.slopes, table.intercepts, log_distance)
 
 
 class _PiecewiseLinearBias(torch.autograd.Function):
@@ -169,11 +276,7 @@ class _PiecewiseLinearBias(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, distance: Tensor, kinks: Tensor, slopes: Tensor, intercepts: Tensor, log_distance: bool):
-        if log_distance:
-            magnitude = distance.abs()
-            t = torch.log1p(magnitude).copysign_(distance)
-        else:
-            magnitude, t = None, distance
+        t, magnitude = transform_distance(distance, log_distance, keep_magnitude=True)
         # int32 halves the saved index; a few hundred kinks never need more
         interval = torch.searchsorted(kinks, t.contiguous(), out_int32=True)
         flat = interval.reshape(-1)

@@ -1,4 +1,5 @@
-"""Shared test configuration: the ``slow`` marker, the hypothesis profile, seeds, error measures.
+"""Shared test configuration: the ``slow`` marker, the hypothesis profile, seeds, error measures,
+and the one small layer the tests build (:func:`make_layer`).
 
 Tests marked ``slow`` (cold ``torch.compile`` with inductor takes over a minute on a 2-core CPU)
 are skipped unless ``--runslow`` is given or ``DEFORM_ATTN_RUN_SLOW=1`` is set.
@@ -11,6 +12,8 @@ import os
 import pytest
 import torch
 from hypothesis import settings
+
+from deform_attn import DeformableAttention1D, OffsetNetwork, ZeroOffsets
 
 # One profile for every property test: no per-example deadline (the first call of a layer pays for
 # lazy initialisation) and few enough examples to keep the suite within a few minutes on 2 cores.
@@ -80,3 +83,42 @@ def gradient_errors(actual: list[torch.Tensor], expected: list[torch.Tensor]) ->
             scale = largest
         errors.append((a - e).abs().max().item() / scale if scale > 0 else a.abs().max().item())
     return errors
+
+
+def make_layer(
+    *,
+    train: bool = False,
+    use_offsets: bool = True,
+    position_bias: str = "cpb",
+    offset_layer_norm: bool = False,
+    bounded_offsets: bool = True,
+    **options,
+) -> DeformableAttention1D:
+    """A small layer (dim 16, 4 heads of 8 channels in 2 offset groups, r = 4) in eval mode.
+
+    ``options`` override the constructor's arguments. The ablation options are applied the way
+    the experiments build their variants, by replacing the layer's parts: ``use_offsets=False``
+    puts :class:`ZeroOffsets` in place of the offset network, ``position_bias="none"`` removes
+    the bias, and ``offset_layer_norm``/``bounded_offsets`` rebuild the offset network with DAT++'s
+    options.
+    """
+    settings_ = dict(dim=16, dim_head=8, heads=4, offset_groups=2, downsample_factor=4)
+    settings_.update(options)
+    layer = DeformableAttention1D(**settings_)
+    if offset_layer_norm or not bounded_offsets:
+        network = layer.to_offsets
+        layer.to_offsets = OffsetNetwork(
+            channels=network.depthwise.in_channels,
+            downsample_factor=layer.downsample_factor,
+            kernel_size=network.depthwise.kernel_size[0],
+            offset_scale=network.offset_scale,
+            layer_norm=offset_layer_norm,
+            bounded=bounded_offsets,
+        )
+    if not use_offsets:
+        layer.to_offsets = ZeroOffsets(layer.downsample_factor)
+    if position_bias == "none":
+        layer.position_bias = None
+    elif position_bias != "cpb":
+        raise ValueError(f"position_bias: expected 'cpb' or 'none', got {position_bias!r}")
+    return layer.train(train)

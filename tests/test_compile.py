@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import gradient_errors, max_relative_error
+from conftest import gradient_errors, make_layer, max_relative_error
 
 from deform_attn import DeformableAttention1D
+from deform_attn.kernels import Implementation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def make_layer(**overrides) -> DeformableAttention1D:
-    options = dict(dim=16, dim_head=8, heads=2, downsample_factor=4)
-    options.update(overrides)
-    return DeformableAttention1D(**options).eval()
 
 
 def assert_compiled_matches_eager(layer, backend: str, x: torch.Tensor, mask=None):
@@ -40,17 +37,17 @@ def assert_compiled_matches_eager(layer, backend: str, x: torch.Tensor, mask=Non
 @pytest.mark.parametrize("kernel", ["piecewise", "sdpa"])
 @pytest.mark.parametrize("geometry", ["centered", "lucidrains"])
 def test_compile_aot_eager_matches_eager(geometry, kernel):
-    layer = make_layer(geometry=geometry, attention_kernel=kernel)
+    layer = make_layer(heads=2, offset_groups=None, geometry=geometry, implementation=Implementation(kernel=kernel))
     assert_compiled_matches_eager(layer, "aot_eager", torch.randn(2, 16, 24))
 
 
 @pytest.mark.parametrize("kernel", ["piecewise", "sdpa"])
 def test_compile_aot_eager_with_mask(kernel):
     mask = torch.arange(24)[None, :] < torch.tensor([[24], [13]])
-    assert_compiled_matches_eager(make_layer(attention_kernel=kernel), "aot_eager", torch.randn(2, 16, 24), mask)
+    assert_compiled_matches_eager(make_layer(heads=2, offset_groups=None, implementation=Implementation(kernel=kernel)), "aot_eager", torch.randn(2, 16, 24), mask)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["piecewise", "sdpa"])
 def test_compile_inductor_matches_eager(kernel):
-    assert_compiled_matches_eager(make_layer(attention_kernel=kernel), "inductor", torch.randn(2, 16, 24))
+    assert_compiled_matches_eager(make_layer(heads=2, offset_groups=None, implementation=Implementation(kernel=kernel)), "inductor", torch.randn(2, 16, 24))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import make_layer
 from deform_attn import (
     ContinuousPositionBias,
     DeformableAttention1D,
@@ -16,6 +17,7 @@ from deform_attn import (
     query_key_distances,
     sample_positions,
 )
+from deform_attn.kernels import Implementation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -24,10 +26,6 @@ SAMPLERS = pytest.mark.parametrize(
 )
 
 
-def make_layer(**overrides) -> DeformableAttention1D:
-    options = dict(dim=16, dim_head=8, heads=4, offset_groups=2, downsample_factor=4)
-    options.update(overrides)
-    return DeformableAttention1D(**options)
 
 
 @pytest.fixture
@@ -84,7 +82,7 @@ def test_x_non_finite(layer, bad):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_x_non_finite_propagates_without_check(bad):
-    layer = make_layer(check_finite=False).eval()
+    layer = make_layer(implementation=Implementation(check_finite=False)).eval()
     x = torch.randn(2, 16, 20)
     x[1, 3, 7] = bad
     out = layer(x)
@@ -161,7 +159,9 @@ def test_dim_too_small_for_position_bias():
 
 
 def test_dim_small_without_position_bias_is_fine():
-    layer = make_layer(dim=2, heads=2, offset_groups=2, position_bias="none")
+    """The dim >= 4 rule is the CPB's: a layer built without one (deprecated keyword) takes dim 2."""
+    with pytest.warns(DeprecationWarning, match="position_bias is deprecated"):
+        layer = DeformableAttention1D(dim=2, heads=2, dim_head=8, offset_groups=2, position_bias="none")
     assert layer(torch.randn(1, 2, 8)).shape == (1, 2, 8)
 
 
@@ -203,32 +203,42 @@ def test_bad_geometry_in_geometry_functions():
 
 @pytest.mark.parametrize("position_bias", ["CPB", "rpe", "", None])
 def test_bad_position_bias(position_bias):
+    """The deprecated keyword still validates its value."""
     with pytest.raises(ValueError, match=r"^position_bias: expected one of \('cpb', 'none'\)"):
-        make_layer(position_bias=position_bias)
+        with pytest.warns(DeprecationWarning):
+            DeformableAttention1D(dim=16, position_bias=position_bias)
 
 
 @pytest.mark.parametrize("kernel", ["fused", "SDPA", "", None])
 def test_bad_attention_kernel(kernel):
-    with pytest.raises(ValueError, match=r"^attention_kernel: expected one of \('auto', 'piecewise', 'sdpa'\)"):
-        make_layer(attention_kernel=kernel)
+    with pytest.raises(ValueError, match=r"^implementation.kernel: expected one of \('auto', 'piecewise', 'sdpa'\)"):
+        make_layer(implementation=Implementation(kernel=kernel))
 
 
-@pytest.mark.parametrize("options", [{"position_bias": "none"}, {"fast_position_bias": False}])
-def test_piecewise_kernel_needs_the_fast_cpb(options):
-    with pytest.raises(ValueError, match=r"^attention_kernel: 'piecewise' evaluates the piecewise-linear CPB"):
-        make_layer(attention_kernel="piecewise", **options)
+def test_piecewise_kernel_needs_the_table():
+    with pytest.raises(ValueError, match=r"^implementation.kernel: 'piecewise' evaluates the piecewise-linear table"):
+        Implementation(kernel="piecewise", position_bias="mlp")
+    layer = make_layer(position_bias="none", implementation=Implementation(kernel="piecewise"))
+    with pytest.raises(ValueError, match=r"^implementation.kernel: 'piecewise' needs the position bias"):
+        layer(torch.randn(2, 16, 24))
+
+
+@pytest.mark.parametrize("value", [0, -2, 2.0, True])
+def test_bad_max_bias_elements(value):
+    with pytest.raises(ValueError, match=r"^implementation.max_bias_elements: expected a positive integer or None"):
+        Implementation(max_bias_elements=value)
 
 
 def test_piecewise_kernel_refuses_attention_dropout_in_training():
-    layer = make_layer(attention_kernel="piecewise", dropout=0.1).train()
-    with pytest.raises(RuntimeError, match=r"^attention_kernel: 'piecewise' has no attention dropout"):
+    layer = make_layer(implementation=Implementation(kernel="piecewise"), dropout=0.1).train()
+    with pytest.raises(RuntimeError, match=r"^implementation.kernel: 'piecewise' has no attention dropout"):
         layer(torch.randn(2, 16, 24))
     layer.eval()
     assert layer(torch.randn(2, 16, 24)).shape == (2, 16, 24)
 
 
 @pytest.mark.parametrize(
-    "name", ["dim", "heads", "dim_head", "downsample_factor", "offset_groups", "max_bias_elements"]
+    "name", ["dim", "heads", "dim_head", "downsample_factor", "offset_groups"]
 )
 @pytest.mark.parametrize("value", [0, -2, 2.0, True])
 def test_non_positive_or_non_integer_sizes(name, value):

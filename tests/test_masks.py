@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import max_relative_error
+from conftest import make_layer, max_relative_error
 
 from deform_attn import DeformableAttention1D
+from deform_attn.kernels import Implementation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 LENGTH = 24
 
 
-def make_layer(**overrides) -> DeformableAttention1D:
-    options = dict(dim=16, dim_head=8, heads=4, offset_groups=2, downsample_factor=4)
-    options.update(overrides)
-    return DeformableAttention1D(**options).eval()
 
 
 def length_mask(lengths: list[int], total: int = LENGTH) -> torch.Tensor:
@@ -34,7 +31,7 @@ LENGTH_SETS = {"multiples": [24, 16, 8], "not_multiples": [23, 13, 6], "mixed": 
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("kernel", ["piecewise", "sdpa"])
 def test_padded_rows_equal_rows_alone(lengths, chunked, kernel):
-    layer = make_layer(max_bias_elements=40 if chunked else 2**26, attention_kernel=kernel)
+    layer = make_layer(implementation=Implementation(max_bias_elements=40 if chunked else 2**26, kernel=kernel))
     x = torch.randn(len(lengths), 16, LENGTH)
     mask = length_mask(lengths)
     out = layer(x, mask)
@@ -116,7 +113,7 @@ def test_non_finite_padding_is_ignored():
 
     check_finite=False, since the check rejects non-finite values anywhere in x.
     """
-    layer = make_layer(check_finite=False)
+    layer = make_layer(implementation=Implementation(check_finite=False))
     lengths = [24, 13]
     mask = length_mask(lengths)
     x = torch.randn(2, 16, LENGTH)

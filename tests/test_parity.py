@@ -13,6 +13,7 @@ from conftest import max_relative_error
 from deformable_attention import DeformableAttention1D as Ref
 
 from deform_attn import DeformableAttention1D, from_lucidrains
+from deform_attn.kernels import Implementation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -132,7 +133,7 @@ def test_parity_gradients_are_not_vacuous():
 def test_parity_with_reference_paths(name):
     """Our reference paths (plain CPB MLP, grid_sample) match too."""
     config, batch, length = CONFIGS[name]
-    errors = parity_errors(config, batch, length, fast_position_bias=False, fast_sampling=False)
+    errors = parity_errors(config, batch, length, implementation=Implementation(position_bias="mlp", sampling="grid_sample"))
     bad = {key: value for key, value in errors.items() if value > tolerance(key)}
     assert not bad, bad
 

@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from conftest import gradient_errors, max_relative_error
+from conftest import gradient_errors, make_layer, max_relative_error
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from deform_attn import ContinuousPositionBias, DeformableAttention1D, linear_sample_1d, linear_sample_1d_reference
+from deform_attn.kernels import Implementation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -21,7 +22,7 @@ def layer_configs(draw, geometries=("centered", "lucidrains")):
     heads = draw(st.integers(1, 4))
     offset_groups = draw(st.sampled_from([g for g in range(1, heads + 1) if heads % g == 0]))
     position_bias = draw(st.sampled_from(["cpb", "none"]))
-    min_multiple = 1 if position_bias == "none" else -(-4 // offset_groups)  # the CPB needs dim >= 4
+    min_multiple = -(-4 // offset_groups)  # the CPB (built, then removed for "none") needs dim >= 4
     dim = offset_groups * draw(st.integers(min_multiple, max(min_multiple, 12 // offset_groups)))
     r = draw(st.integers(1, 4))
     config = dict(
@@ -55,7 +56,7 @@ def layer_configs(draw, geometries=("centered", "lucidrains")):
 def test_output_shape_and_finite(args):
     config, batch, length, seed = args
     torch.manual_seed(seed)
-    layer = DeformableAttention1D(**config).eval()
+    layer = make_layer(**config).eval()
     x = torch.randn(batch, config["dim"], length, requires_grad=True)
     out, vgrid = layer(x, return_vgrid=True)
     assert out.shape == x.shape
@@ -77,8 +78,8 @@ def _outputs_and_grads(layer, x, mask=None):
 def test_fast_paths_equal_reference_paths(args):
     config, batch, length, seed = args
     torch.manual_seed(seed)
-    fast = DeformableAttention1D(**config).eval()
-    slow = DeformableAttention1D(**config, fast_position_bias=False, fast_sampling=False).eval()
+    fast = make_layer(**config).eval()
+    slow = make_layer(**config, implementation=Implementation(position_bias="mlp", sampling="grid_sample")).eval()
     slow.load_state_dict(fast.state_dict())
     x = torch.randn(batch, config["dim"], length, dtype=torch.float64)
     fast_out, fast_grads = _outputs_and_grads(fast.double(), x)
@@ -94,8 +95,8 @@ def test_piecewise_kernel_equals_sdpa_kernel(args, max_bias_elements, data):
     config, batch, length, seed = args
     assume(config["position_bias"] == "cpb")
     torch.manual_seed(seed)
-    piecewise = DeformableAttention1D(**config, attention_kernel="piecewise", max_bias_elements=max_bias_elements)
-    sdpa = DeformableAttention1D(**config, attention_kernel="sdpa")
+    piecewise = make_layer(**config, implementation=Implementation(kernel="piecewise", max_bias_elements=max_bias_elements))
+    sdpa = make_layer(**config, implementation=Implementation(kernel="sdpa"))
     sdpa.load_state_dict(piecewise.state_dict())
     mask = None
     if config["geometry"] == "centered" and data.draw(st.booleans()):
@@ -117,7 +118,7 @@ def test_padding_invariance(args, data):
     r = config["downsample_factor"]
     lengths = data.draw(st.lists(st.integers(r, length), min_size=batch, max_size=batch))
     torch.manual_seed(seed)
-    layer = DeformableAttention1D(**config).double().eval()
+    layer = make_layer(**config).double().eval()
     x = torch.randn(batch, config["dim"], length, dtype=torch.float64)
     mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
     out = layer(x, mask)

@@ -30,35 +30,37 @@ contiguous axis, where they are fast.
 
 Axis letters: b batch, g offset groups, o heads per group (h = g o), n queries, m keys, c queries
 of one chunk, d channels per head, k kinks, e events (key, kink crossings inside the sequence).
+A "row" is one (sequence, offset group): rows = b g.
+
+Buffer layout, used throughout: per-pair buffers of a chunk are (rows, o, m, c), flattened in that
+order; a key is addressed by ``row * m + key`` (its "key index"); an event by its flat index into
+the (rows, m, k) crossing tensor, ``key_index * k + kink``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
 
+from ..geometry import QueryGrid
+from ..position_bias import PiecewiseLinearTable, inverse_transform_distance, transform_distance
+
 __all__ = ["piecewise_biased_attention", "kink_crossings"]
 
 
-def _inverse_transform(kinks: Tensor, log_distance: bool) -> Tensor:
-    """Distances at which ``t`` reaches each kink: the inverse of ``sign(d) log(1 + |d|)``."""
-    if not log_distance:
-        return kinks
-    return torch.expm1(kinks.abs()).copysign(kinks)
-
-
 def kink_crossings(
-    key_values: Tensor, kinks: Tensor, length: int, query_step: float, query_origin: float, log_distance: bool
+    key_coordinates: Tensor, kinks: Tensor, length: int, query_grid: QueryGrid, log_distance: bool
 ) -> Tensor:
     """First query index past each kink, for every key: :math:`r_{jk}` in the module docstring.
 
     Args:
-        key_values: (rows, m) key coordinates :math:`w_j`.
+        key_coordinates: (rows, m) key coordinates :math:`w_j`.
         kinks: (k,) sorted kinks of the bias in ``t``.
         length: number of queries ``n``.
-        query_step, query_origin: ``a`` and ``c`` of the query coordinates :math:`u_i = a i + c`.
+        query_grid: ``a`` and ``c`` of the query coordinates :math:`u_i = a i + c`.
         log_distance: whether ``t`` is the signed log of the distance.
 
     Returns:
@@ -67,22 +69,27 @@ def kink_crossings(
         lies within rounding of a kink it may land on either side, which changes the bias by a
         rounding error only, because the bias is continuous at its kinks.
     """
-    thresholds = _inverse_transform(kinks.to(torch.float64), log_distance)  # (k,)
+    thresholds = inverse_transform_distance(kinks.to(torch.float64), log_distance)  # (k,)
     # u_i - w_j > D_k  <=>  i > (w_j + D_k - c) / a; in place: this tensor is (rows, m, k)
-    boundary = key_values.to(torch.float64)[:, :, None] + (thresholds - query_origin)
-    boundary.div_(query_step).clamp_(-1.0, float(length)).floor_().add_(1).clamp_(0, length)
+    boundary = key_coordinates.to(torch.float64)[:, :, None] + (thresholds - query_grid.origin)
+    boundary.div_(query_grid.step).clamp_(-1.0, float(length)).floor_().add_(1).clamp_(0, length)
     return boundary.to(torch.int32)
 
 
 class _Events:
-    """Kink crossings inside the sequence, sorted by chunk, with what each chunk needs to scatter."""
+    """Kink crossings inside the sequence, sorted by chunk, with what each chunk needs to scatter.
 
-    def __init__(self, key_values, kinks, length, chunk, query_step, query_origin, log_distance, outputs):
-        rows, cells = key_values.shape
+    Attributes (e events): ``key_index`` (e,) int32 key indices; ``kink`` (e,) int32; ``query``
+    (e,) the crossing query; ``bounds`` chunk ``i``'s events are ``bounds[i]:bounds[i + 1]``;
+    ``first_interval`` (rows, m) each key's interval at query 0.
+    """
+
+    def __init__(self, key_coordinates, kinks, length, chunk, query_grid, log_distance, outputs):
+        rows, cells = key_coordinates.shape
         num_kinks = kinks.shape[0]
         self.rows, self.cells, self.outputs, self.chunk, self.length = rows, cells, outputs, chunk, length
         self.log_distance = log_distance
-        crossings = kink_crossings(key_values, kinks, length, query_step, query_origin, log_distance)  # (rows, m, k)
+        crossings = kink_crossings(key_coordinates, kinks, length, query_grid, log_distance)  # (rows, m, k)
         # interval at the first query: the kinks already passed there
         self.first_interval = (crossings == 0).sum(-1)  # (rows, m)
         flat = ((crossings > 0) & (crossings < length)).view(-1).nonzero().squeeze(1)  # (e,) into (rows m k)
@@ -114,26 +121,27 @@ class _Events:
         return part, self.kink[part], (buffer_row * width + column[:, None]).reshape(-1)
 
 
-def _chunk_distance_terms(query_values, key_values, log_distance, keep_magnitude):
-    """``t`` and ``|d|`` of the (rows, m, c) pairs of one chunk (``|d|`` only if asked and logged)."""
-    distance = query_values[None, None, :] - key_values[:, :, None]
-    if not log_distance:
-        return distance, None
-    if not keep_magnitude:
-        return distance.abs().log1p_().copysign_(distance), None
-    magnitude = distance.abs()
-    return torch.log1p(magnitude).copysign_(distance), magnitude
+class _ChunkTerms(NamedTuple):
+    """What one chunk of queries ``start .. start + width`` hands to the forward and backward passes."""
+
+    start: int
+    width: int
+    events: slice  # the chunk's crossings in the sorted event arrays
+    targets: Tensor  # (e o,) flat indices of the crossings into the chunk's (rows, o, m, c) buffer
+    pair_slopes: Tensor  # (rows, o, m, c) slope of every pair
+    t: Tensor  # (rows, m, c) the position bias's input
+    magnitude: Tensor | None  # (rows, m, c) |d|, kept for the backward of the log distance
+    logits: Tensor  # (b h, m, c) q k^T * scale + bias (+ -inf at padded keys)
 
 
-def _chunk_logits(events, slopes, intercepts, query_values, key_values, q_rows, k_rows, key_padding, scale, keep_magnitude):
-    """Walk the query chunks in order; yield each chunk's logits ``q k^T * scale + bias``, (b h, m, c).
+def _chunk_logits(
+    events, slopes, intercepts, query_coordinates, key_coordinates, q_rows, k_rows, key_padding, scale, keep_magnitude
+) -> Iterator[_ChunkTerms]:
+    """Walk the query chunks in order and yield each chunk's :class:`_ChunkTerms`.
 
-    Per chunk it yields ``(start, width, part, targets, pair_slopes, t, magnitude, logits)``:
-    the chunk's crossings (slice and flat buffer indices), the slope of every (row, o, m, c) pair,
-    ``t`` and ``|d|`` of the (row, m, c) pairs (see :func:`_chunk_distance_terms`). Slopes and
-    intercepts are prefix sums of the steps at the crossings, seeded in column 0 with the exact
-    table row of each key's interval at the chunk's first query, so rounding never carries
-    across chunks.
+    Slopes and intercepts are prefix sums of the steps at the crossings, seeded in column 0 with
+    the exact table row of each key's interval at the chunk's first query, so rounding never
+    carries across chunks.
     """
     rows, cells, outputs = events.rows, events.cells, events.outputs
     buffer = q_rows.new_empty(2, rows * outputs * cells * events.chunk)
@@ -151,32 +159,38 @@ def _chunk_logits(events, slopes, intercepts, query_values, key_values, q_rows, 
         for which in range(2):  # crossing kink k adds the step between the pieces on either side
             coefficients[which].view(-1).index_add_(0, targets, steps[which].index_select(0, kink).view(-1))
         coefficients = torch.cumsum(coefficients, dim=-1)  # (2, rows, o, m, c)
-        t, magnitude = _chunk_distance_terms(query_values[start : start + width], key_values, events.log_distance, keep_magnitude)
+        distance = query_coordinates[None, None, start : start + width] - key_coordinates[:, :, None]
+        if keep_magnitude:
+            t, magnitude = transform_distance(distance, events.log_distance, keep_magnitude=True)
+        else:
+            t, magnitude = transform_distance(distance, events.log_distance), None
         # bias = slope * t + intercept, per head: (rows, o, m, c) -> (b h, m, c); the intercepts are done
         logits = coefficients[1].addcmul_(coefficients[0], t[:, None]).view(-1, cells, width)
         if key_padding is not None:
             logits.view(key_padding.shape[0], -1, cells, width).masked_fill_(key_padding[:, None, :, None], -math.inf)
         queries = q_rows[:, start : start + width]  # (b h, c, d)
         logits.baddbmm_(k_rows, queries.transpose(1, 2), alpha=scale)
-        yield start, width, part, targets, coefficients[0], t, magnitude, logits
+        yield _ChunkTerms(start, width, part, targets, coefficients[0], t, magnitude, logits)
         interval += torch.bincount(events.key_index[part], minlength=rows * cells).view(rows, cells)
 
 
 class _PiecewiseBiasedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_values, kinks, slopes, intercepts, query_values, geometry, key_padding):
-        query_step, query_origin, log_distance, scale, chunk = geometry
+    def forward(ctx, q, k, v, key_coordinates, kinks, slopes, intercepts, query_coordinates, query_grid, log_distance,
+                scale, chunk, key_padding):
         batch, heads, length, _ = q.shape
-        rows, cells = key_values.shape
         outputs = slopes.shape[1]
-        events = _Events(key_values.detach(), kinks, length, chunk, query_step, query_origin, log_distance, outputs)
+        events = _Events(key_coordinates.detach(), kinks, length, chunk, query_grid, log_distance, outputs)
 
         q_rows, k_rows, v_rows = (t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (q, k, v))
         out = torch.empty_like(q)
         out_rows = out.view(batch * heads, length, -1)  # (b h, n, d)
         log_sum_exp = q_rows.new_empty(batch * heads, length)
-        chunks = _chunk_logits(events, slopes, intercepts, query_values, key_values, q_rows, k_rows, key_padding, scale, False)
-        for start, width, _, _, _, _, _, scores in chunks:
+        chunks = _chunk_logits(
+            events, slopes, intercepts, query_coordinates, key_coordinates, q_rows, k_rows, key_padding, scale, False
+        )
+        for terms in chunks:
+            start, width, scores = terms.start, terms.width, terms.logits
             # softmax over the keys (dim 1); the normalisation is applied to the (d, c) output
             peak = scores.amax(dim=1, keepdim=True)
             weights = scores.sub_(peak).exp_()
@@ -187,21 +201,25 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
 
         ctx.scale = scale
         ctx.events = events
-        ctx.save_for_backward(q, k, v, key_values, kinks, slopes, intercepts, query_values, key_padding, out, log_sum_exp)
+        ctx.save_for_backward(
+            q, k, v, key_coordinates, kinks, slopes, intercepts, query_coordinates, key_padding, out, log_sum_exp
+        )
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "the piecewise attention kernel cannot be differentiated twice; use "
-                "DeformableAttention1D(attention_kernel='sdpa', fast_position_bias=False) for higher derivatives"
+                "the piecewise attention kernel cannot be differentiated twice; use DeformableAttention1D("
+                "implementation=Implementation(kernel='sdpa', position_bias='mlp')) for higher derivatives"
             )
-        q, k, v, key_values, kinks, slopes, intercepts, query_values, key_padding, out, log_sum_exp = ctx.saved_tensors
+        q, k, v, key_coordinates, kinks, slopes, intercepts, query_coordinates, key_padding, out, log_sum_exp = (
+            ctx.saved_tensors
+        )
         scale, events = ctx.scale, ctx.events
         chunk = events.chunk
         batch, heads, length, _ = q.shape
-        rows, cells = key_values.shape
+        rows, cells = key_coordinates.shape
         outputs = slopes.shape[1]
 
         q_rows, k_rows, v_rows = (t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (q, k, v))
@@ -209,13 +227,17 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
         grad_q, grad_k, grad_v = torch.empty_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
         # D_i = sum_d dO * O: the softmax backward's row term
         row_term = (grad_rows * out.view_as(grad_rows)).sum(-1)  # (b h, n)
-        grad_key_values = torch.zeros_like(key_values)
+        grad_key_coordinates = torch.zeros_like(key_coordinates)
         # running sums over the queries seen so far, per (row, o, m): of g t (slopes) and g (intercepts)
         running = q_rows.new_zeros(2, rows * outputs * cells)
         event_prefix = q_rows.new_empty(2, events.key_index.shape[0] * outputs)
         prefix_buffer = q_rows.new_empty(2, rows * outputs * cells * chunk)
-        chunks = _chunk_logits(events, slopes, intercepts, query_values, key_values, q_rows, k_rows, key_padding, scale, True)
-        for start, width, part, targets, pair_slopes, t, magnitude, scores in chunks:
+        chunks = _chunk_logits(
+            events, slopes, intercepts, query_coordinates, key_coordinates, q_rows, k_rows, key_padding, scale, True
+        )
+        for terms in chunks:
+            start, width, part, targets = terms.start, terms.width, terms.events, terms.targets
+            pair_slopes, t, magnitude, scores = terms.pair_slopes, terms.t, terms.magnitude, terms.logits
             stop = start + width
             queries, grad_chunk = q_rows[:, start:stop], grad_rows[:, start:stop]  # (b h, c, d)
             weights = scores.sub_(log_sum_exp[:, None, start:stop]).exp_()  # (b h, m, c)
@@ -229,9 +251,9 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
             grad_bias = grad_scores.view(rows, outputs, cells, width)
             # distance: d bias / d w_j = -slope * dt/dd
             grad_t = (grad_bias * pair_slopes).sum(1) if outputs > 1 else grad_bias[:, 0] * pair_slopes[:, 0]
-            if magnitude is not None:
+            if magnitude is not None:  # dt/dd = 1 / (1 + |d|), in place
                 grad_t.div_(magnitude.add_(1))
-            grad_key_values -= grad_t.sum(-1)
+            grad_key_coordinates -= grad_t.sum(-1)
             # table: inclusive prefix sums of g t (slopes) and g (intercepts) along the chunk's queries
             prefixes = prefix_buffer[:, : rows * outputs * cells * width].view(2, rows, outputs, cells, width)
             torch.cumsum(torch.mul(grad_bias, t[:, None]), -1, out=prefixes[0])
@@ -262,14 +284,17 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
 
         shape = q.shape
         return (
-            grad_q.view(shape), grad_k.view(k.shape), grad_v.view(v.shape), grad_key_values,
-            None, grad_slopes, grad_intercepts, None, None, None,
+            grad_q.view(shape), grad_k.view(k.shape), grad_v.view(v.shape), grad_key_coordinates,
+            None, grad_slopes, grad_intercepts, None, None, None, None, None, None,
         )
 
 
-def _check_arguments(q, k, v, key_values, query_values, kinks, slopes, intercepts, query_step, chunk, key_padding):
-    if not (isinstance(query_step, (int, float)) and query_step > 0):
-        raise ValueError(f"query_step: expected a positive number, got {query_step!r}")
+def _check_arguments(q, k, v, key_coordinates, query_coordinates, kinks, slopes, intercepts, query_grid, chunk, key_padding):
+    if not isinstance(query_grid, tuple) or len(query_grid) != 2:
+        raise ValueError(f"query_grid: expected a QueryGrid(step, origin), got {query_grid!r}")
+    step = query_grid[0]
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
+        raise ValueError(f"query_grid: expected a positive step, got {step!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk: expected a positive integer, got {chunk!r}")
     if q.ndim != 4:
@@ -281,13 +306,13 @@ def _check_arguments(q, k, v, key_values, query_values, kinks, slopes, intercept
     if k.shape != v.shape:
         raise ValueError(f"v: expected the shape of k, {tuple(k.shape)}, got {tuple(v.shape)}")
     cells = k.shape[2]
-    if key_values.ndim != 2 or key_values.shape[1] != cells or key_values.shape[0] % batch:
-        raise ValueError(f"key_values: expected shape (b g, m) with b = {batch}, m = {cells}, got {tuple(key_values.shape)}")
-    groups = key_values.shape[0] // batch
+    if key_coordinates.ndim != 2 or key_coordinates.shape[1] != cells or key_coordinates.shape[0] % batch:
+        raise ValueError(f"key_coordinates: expected shape (b g, m) with b = {batch}, m = {cells}, got {tuple(key_coordinates.shape)}")
+    groups = key_coordinates.shape[0] // batch
     if groups == 0 or heads % groups:
-        raise ValueError(f"key_values: {groups} groups per sequence do not divide the {heads} heads")
-    if query_values.shape != (length,):
-        raise ValueError(f"query_values: expected shape (n,) = ({length},), got {tuple(query_values.shape)}")
+        raise ValueError(f"key_coordinates: {groups} groups per sequence do not divide the {heads} heads")
+    if query_coordinates.shape != (length,):
+        raise ValueError(f"query_coordinates: expected shape (n,) = ({length},), got {tuple(query_coordinates.shape)}")
     if kinks.ndim != 1 or slopes.shape != (kinks.shape[0] + 1, heads // groups) or intercepts.shape != slopes.shape:
         raise ValueError(
             f"table: expected kinks (k,), slopes and intercepts (k + 1, h / g = {heads // groups}); got "
@@ -305,11 +330,10 @@ def piecewise_biased_attention(
     k: Tensor,
     v: Tensor,
     *,
-    key_values: Tensor,
-    query_values: Tensor,
-    query_step: float,
-    query_origin: float,
-    table: tuple[Tensor, Tensor, Tensor],
+    query_coordinates: Tensor,
+    key_coordinates: Tensor,
+    query_grid: QueryGrid,
+    table: PiecewiseLinearTable,
     log_distance: bool,
     scale: float,
     chunk: int,
@@ -320,24 +344,26 @@ def piecewise_biased_attention(
     Args:
         q: (b, h, n, d) queries.
         k, v: (b, h, m, d) keys and values.
-        key_values: (b g, m) key coordinates :math:`w_j` of each offset group (``g`` divides
-            ``h``; head ``g o_per + o`` uses group ``g``).
-        query_values: (n,) query coordinates :math:`u_i`, equal to ``query_step * i +
-            query_origin`` up to rounding; ``query_step > 0``.
-        table: (kinks (k,), slopes (k + 1, o), intercepts (k + 1, o)) from
-            :func:`deform_attn.position_bias.piecewise_linear_table`, ``o = h / g``.
+        query_coordinates: (n,) query coordinates :math:`u_i`, equal to ``step * i + origin`` of
+            ``query_grid`` up to rounding.
+        key_coordinates: (b g, m) key coordinates :math:`w_j` of each offset group (``g`` divides
+            ``h``; head ``g * o_per_group + o`` uses group ``g``).
+        query_grid: :class:`QueryGrid` ``(step > 0, origin)`` of the query coordinates.
+        table: :class:`deform_attn.position_bias.PiecewiseLinearTable` with ``o = h / g``
+            outputs, from :func:`deform_attn.position_bias.piecewise_linear_table`.
         log_distance: ``t`` is ``sign(d) log(1 + |d|)`` instead of ``d``.
         scale: factor on ``q k^T``.
         chunk: queries per chunk.
         key_padding: optional (b, m) bool, True where a key does not exist.
 
     Returns:
-        (b, h, n, d). Differentiable once in ``q``, ``k``, ``v``, ``key_values`` and the table's
-        slopes and intercepts.
+        (b, h, n, d). Differentiable once in ``q``, ``k``, ``v``, ``key_coordinates`` and the
+        table's slopes and intercepts.
     """
     kinks, slopes, intercepts = table
-    _check_arguments(q, k, v, key_values, query_values, kinks, slopes, intercepts, query_step, chunk, key_padding)
+    _check_arguments(q, k, v, key_coordinates, query_coordinates, kinks, slopes, intercepts, query_grid, chunk, key_padding)
+    grid = QueryGrid(float(query_grid[0]), float(query_grid[1]))
     return _PiecewiseBiasedAttention.apply(
-        q, k, v, key_values, kinks, slopes, intercepts, query_values,
-        (float(query_step), float(query_origin), bool(log_distance), float(scale), int(chunk)), key_padding,
+        q, k, v, key_coordinates, kinks, slopes, intercepts, query_coordinates, grid, bool(log_distance),
+        float(scale), int(chunk), key_padding,
     )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import gradient_errors, max_relative_error
 
 from deform_attn import DeformableAttention1D
 from deform_attn.geometry import distance_coordinates, query_key_distances
-from deform_attn.piecewise_attention import kink_crossings, piecewise_biased_attention
+from deform_attn.geometry import QueryGrid
+from deform_attn.kernels import Implementation, kink_crossings, piecewise_biased_attention
 from deform_attn.position_bias import ContinuousPositionBias
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -18,8 +21,9 @@ def make_pair(**overrides) -> tuple[DeformableAttention1D, DeformableAttention1D
     """The same layer twice: once on the piecewise kernel, once on SDPA."""
     options = dict(dim=16, dim_head=8, heads=4, offset_groups=2, downsample_factor=4)
     options.update(overrides)
-    piecewise = DeformableAttention1D(attention_kernel="piecewise", **options).eval()
-    sdpa = DeformableAttention1D(attention_kernel="sdpa", **options).eval()
+    base = options.pop("implementation", Implementation())
+    piecewise = DeformableAttention1D(implementation=replace(base, kernel="piecewise"), **options).eval()
+    sdpa = DeformableAttention1D(implementation=replace(base, kernel="sdpa"), **options).eval()
     sdpa.load_state_dict(piecewise.state_dict())
     return piecewise, sdpa
 
@@ -61,7 +65,7 @@ def test_piecewise_kernel_equals_sdpa(geometry, cpb_log_distance, offset_groups,
 
 @pytest.mark.parametrize("max_bias_elements", [1, 100, 2**20])
 def test_piecewise_kernel_equals_sdpa_with_mask_and_chunks(max_bias_elements):
-    piecewise, sdpa = make_pair(max_bias_elements=max_bias_elements)
+    piecewise, sdpa = make_pair(implementation=Implementation(max_bias_elements=max_bias_elements))
     trained_looking(piecewise)
     sdpa.load_state_dict(piecewise.state_dict())
     x = torch.randn(3, 16, 30)
@@ -72,52 +76,17 @@ def test_piecewise_kernel_equals_sdpa_with_mask_and_chunks(max_bias_elements):
     assert max(gradient_errors(grads, expected_grads)) < 2e-4
 
 
-def test_auto_picks_piecewise_on_cpu_and_sdpa_where_it_does_not_apply():
-    x = torch.randn(1, 16, 24)
-    layer = DeformableAttention1D(dim=16, heads=2, dim_head=8)
-    assert layer.resolved_attention_kernel(x) == "piecewise"
-    assert layer.resolved_attention_kernel(x.double()) == "piecewise"
-    assert layer.resolved_attention_kernel(x.bfloat16()) == "sdpa"
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer.resolved_attention_kernel(x) == "sdpa"
-    assert DeformableAttention1D(dim=16, heads=2, position_bias="none").resolved_attention_kernel(x) == "sdpa"
-    assert DeformableAttention1D(dim=16, heads=2, fast_position_bias=False).resolved_attention_kernel(x) == "sdpa"
-    dropout = DeformableAttention1D(dim=16, heads=2, dropout=0.1)
-    assert dropout.train().resolved_attention_kernel(x) == "sdpa"
-    assert dropout.eval().resolved_attention_kernel(x) == "piecewise"
-    assert DeformableAttention1D(dim=16, heads=2, attention_kernel="sdpa").resolved_attention_kernel(x) == "sdpa"
-
-
-def test_auto_keeps_short_sequences_on_sdpa():
-    layer = DeformableAttention1D(dim=16, heads=2, dim_head=8)
-    x = torch.randn(1, 16, 24)
-    assert layer.resolved_attention_kernel(x, length=383, num_kinks=0) == "sdpa"
-    assert layer.resolved_attention_kernel(x, length=384, num_kinks=0) == "piecewise"
-    assert layer.resolved_attention_kernel(x, length=2039, num_kinks=255) == "sdpa"
-    assert layer.resolved_attention_kernel(x, length=2040, num_kinks=255) == "piecewise"
-    # an explicit choice is kept at any length
-    explicit = DeformableAttention1D(dim=16, heads=2, dim_head=8, attention_kernel="piecewise")
-    assert explicit.resolved_attention_kernel(x, length=24, num_kinks=255) == "piecewise"
-
-
 @pytest.mark.parametrize("length, expected_calls", [(40, 0), (400, 1)])
 def test_auto_calls_the_piecewise_kernel_only_for_long_sequences(length, expected_calls, monkeypatch):
-    import deform_attn.attention as attention_module
+    import deform_attn.kernels as kernels
 
     calls = []
-    kernel = attention_module.piecewise_biased_attention
-    monkeypatch.setattr(attention_module, "piecewise_biased_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel = kernels.piecewise_biased_attention
+    monkeypatch.setattr(kernels, "piecewise_biased_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     layer = DeformableAttention1D(dim=16, heads=2, dim_head=8)  # hidden 4: at most 24 kinks, so 384 decides
-    assert layer.position_bias.table(torch.float32)[0].numel() <= 24
+    assert layer.position_bias.table(torch.float32).kinks.numel() <= 24
     layer(torch.randn(1, 16, length))
     assert len(calls) == expected_calls
-
-
-def test_chunk_budget_per_kernel():
-    layer = DeformableAttention1D(dim=16, heads=2, dim_head=8)
-    assert layer.chunk_queries("piecewise", batch=1, cells=512) == 2**21 // (2 * 512)
-    assert layer.chunk_queries("sdpa", batch=1, cells=512) == 2**23 // (2 * 512)
-    assert DeformableAttention1D(dim=16, heads=2, max_bias_elements=100).chunk_queries("piecewise", 1, 512) == 1
 
 
 # ---------------------------------------------------------------- the kernel function itself
@@ -152,7 +121,7 @@ def materialised(q, k, v, bias_module, offsets, length, key_padding=None):
 def run_kernel(q, k, v, bias_module, offsets, length, chunk, key_padding=None):
     u, w, step, origin = distance_coordinates(torch.arange(length), offsets, length, 3)
     return piecewise_biased_attention(
-        q, k, v, key_values=w, query_values=u, query_step=step, query_origin=origin,
+        q, k, v, key_coordinates=w, query_coordinates=u, query_grid=QueryGrid(step, origin),
         table=bias_module.table(q.dtype), log_distance=bias_module.log_distance, scale=q.shape[-1] ** -0.5,
         chunk=chunk, key_padding=key_padding,
     )
@@ -190,7 +159,7 @@ def test_kernel_gradcheck_fp64():
 
     def run(q, k, v, w, slopes, intercepts):
         return piecewise_biased_attention(
-            q, k, v, key_values=w, query_values=u, query_step=step, query_origin=origin,
+            q, k, v, key_coordinates=w, query_coordinates=u, query_grid=QueryGrid(step, origin),
             table=(kinks, slopes, intercepts), log_distance=True, scale=0.5, chunk=4,
         )
 
@@ -223,9 +192,9 @@ def test_kernel_refuses_second_derivatives():
         ({"q": torch.zeros(2, 4, 23)}, r"^q: expected shape \(b, h, n, d\)"),
         ({"k": torch.zeros(2, 4, 7, 6)}, r"^k: expected shape \(b, h, m, d\)"),
         ({"v": torch.zeros(2, 4, 8, 5)}, r"^v: expected"),
-        ({"key_values": torch.zeros(3, 7)}, r"^key_values: expected shape \(b g, m\)"),
-        ({"key_values": torch.zeros(6, 7)}, r"^key_values: 3 groups per sequence do not divide the 4 heads"),
-        ({"query_values": torch.zeros(22)}, r"^query_values: expected shape \(n,\)"),
+        ({"key_coordinates": torch.zeros(3, 7)}, r"^key_coordinates: expected shape \(b g, m\)"),
+        ({"key_coordinates": torch.zeros(6, 7)}, r"^key_coordinates: 3 groups per sequence do not divide the 4 heads"),
+        ({"query_coordinates": torch.zeros(22)}, r"^query_coordinates: expected shape \(n,\)"),
         ({"chunk": 0}, r"^chunk: expected a positive integer"),
         ({"key_padding": torch.zeros(2, 7)}, r"^key_padding: expected a bool tensor"),
         ({"table": "wrong outputs"}, r"^table: expected kinks \(k,\), slopes and intercepts \(k \+ 1, h / g = 2\)"),
@@ -235,7 +204,7 @@ def test_kernel_rejects_bad_arguments(change, message):
     bias, offsets, q, k, v = kernel_inputs()
     u, w, step, origin = distance_coordinates(torch.arange(23), offsets, 23, 3)
     kinks, slopes, intercepts = bias.table(torch.float64)
-    arguments = dict(q=q, k=k, v=v, key_values=w, query_values=u, query_step=step, query_origin=origin,
+    arguments = dict(q=q, k=k, v=v, key_coordinates=w, query_coordinates=u, query_grid=QueryGrid(step, origin),
                      table=(kinks, slopes, intercepts), log_distance=True, scale=1.0, chunk=4)
     if change.get("table") == "wrong outputs":
         change = {"table": (kinks, slopes[:, :1], intercepts[:, :1])}
@@ -247,9 +216,9 @@ def test_kernel_rejects_bad_arguments(change, message):
 
 def test_kernel_rejects_decreasing_query_coordinates():
     bias, offsets, q, k, v = kernel_inputs()
-    with pytest.raises(ValueError, match=r"^query_step: expected a positive number"):
+    with pytest.raises(ValueError, match=r"^query_grid: expected a positive step"):
         piecewise_biased_attention(
-            q, k, v, key_values=offsets, query_values=torch.arange(23.0), query_step=-1.0, query_origin=0.0,
+            q, k, v, key_coordinates=offsets, query_coordinates=torch.arange(23.0), query_grid=QueryGrid(-1.0, 0.0),
             table=bias.table(torch.float64), log_distance=True, scale=1.0, chunk=4,
         )
 
@@ -260,7 +229,7 @@ def test_crossings_count_the_kinks_below_each_pair(log_distance):
     bias, offsets, *_ = kernel_inputs(log_distance=log_distance, cells=40, length=120)
     kinks = bias.table(torch.float64)[0]
     u, w, step, origin = distance_coordinates(torch.arange(120), offsets, 120, 3)
-    crossings = kink_crossings(w, kinks, 120, step, origin, log_distance)  # (b g, m, k)
+    crossings = kink_crossings(w, kinks, 120, QueryGrid(step, origin), log_distance)  # (b g, m, k)
     assert crossings.dtype == torch.int32 and crossings.min() >= 0 and crossings.max() <= 120
     t = bias.transform(u[None, :, None] - w[:, None, :])  # (b g, n, m)
     expected = torch.searchsorted(kinks, t.contiguous())
@@ -273,7 +242,7 @@ def test_crossings_of_kinks_beyond_float_range():
     """Kinks far out in t (exp overflows) are never crossed, or always crossed, without NaN."""
     kinks = torch.tensor([-1000.0, -1.0, 0.5, 800.0], dtype=torch.float64)
     w = torch.tensor([[0.0, 5.0]], dtype=torch.float64)
-    crossings = kink_crossings(w, kinks, 10, 1.0, 0.0, log_distance=True)
+    crossings = kink_crossings(w, kinks, 10, QueryGrid(1.0, 0.0), log_distance=True)
     assert torch.equal(crossings[..., 0], torch.zeros(1, 2, dtype=torch.int32))
     assert torch.equal(crossings[..., 3], torch.full((1, 2), 10, dtype=torch.int32))
     # t > -1 <=> d > -(e - 1): first i with i - w > -1.718

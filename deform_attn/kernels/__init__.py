@@ -1,0 +1,112 @@
+"""The functional core under :class:`deform_attn.DeformableAttention1D`: biased attention kernels.
+
+Three kernels compute the same function, ``softmax(q k^T * scale + bias) v`` with the
+continuous position bias of each (query, key) distance:
+
+* :func:`piecewise_biased_attention` (CPU default for long sequences): the piecewise-linear bias
+  by prefix sums along the queries, inside a chunked attention with a hand-written backward;
+* :func:`sdpa_biased_attention` (everywhere else): the bias materialised per chunk of queries and
+  passed to ``scaled_dot_product_attention``;
+* :func:`scan_biased_attention` (while ``torch.export`` traces): a traced scan over fixed-size
+  query chunks, with ops that ONNX knows.
+
+:func:`plan_attention` decides which one a forward pass runs and in chunks of how many queries,
+from numbers alone; :class:`Implementation` is the documented setting that steers it;
+:func:`biased_attention` runs a plan.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..geometry import DistanceCoordinates
+from ..position_bias import PiecewiseLinearTable, piecewise_linear_bias
+from .piecewise import kink_crossings, piecewise_biased_attention
+from .plan import (
+    EXPORT_QUERY_CHUNK,
+    KERNELS,
+    POSITION_BIAS_EVALUATIONS,
+    SAMPLERS,
+    Implementation,
+    KernelPlan,
+    default_max_bias_elements,
+    plan_attention,
+)
+from .scan import scan_biased_attention, table_bias_from_crossings
+from .sdpa import BiasFunction, sdpa_biased_attention
+
+__all__ = [
+    "Implementation",
+    "KernelPlan",
+    "plan_attention",
+    "default_max_bias_elements",
+    "biased_attention",
+    "piecewise_biased_attention",
+    "sdpa_biased_attention",
+    "scan_biased_attention",
+    "kink_crossings",
+    "table_bias_from_crossings",
+    "BiasFunction",
+    "KERNELS",
+    "POSITION_BIAS_EVALUATIONS",
+    "SAMPLERS",
+    "EXPORT_QUERY_CHUNK",
+]
+
+
+def biased_attention(
+    plan: KernelPlan,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    coordinates: DistanceCoordinates,
+    position_bias: PiecewiseLinearTable | BiasFunction | None,
+    log_distance: bool,
+    scale: float,
+    key_padding: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Run ``plan``'s kernel: attention of the queries to the keys with a position bias.
+
+    Args:
+        plan: from :func:`plan_attention`.
+        q: (b, h, n, d) queries; k, v: (b, h, m, d) keys and values.
+        coordinates: query and key coordinates whose differences are the distances, with the
+            queries' grid (:func:`deform_attn.geometry.distance_coordinates`).
+        position_bias: a piecewise-linear table, a function from distances (b g, c, m) to
+            biases (b g, c, m, h / g), or ``None`` for no bias.
+        log_distance: the table's input is ``sign(d) log(1 + |d|)`` (tables only; a function
+            applies its own transform).
+        scale: factor on ``q k^T``.
+        key_padding: optional (b, m) bool, True where a key does not exist.
+        dropout_p: attention dropout (SDPA kernel only; the plan never picks another with it).
+
+    Returns:
+        (b, h, n, d).
+    """
+    table = position_bias if isinstance(position_bias, PiecewiseLinearTable) else None
+    if plan.kernel == "piecewise":
+        if table is None:
+            raise ValueError("position_bias: the piecewise kernel needs a PiecewiseLinearTable")
+        return piecewise_biased_attention(
+            q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,
+            query_grid=coordinates.grid, table=table, log_distance=log_distance, scale=scale, chunk=plan.chunk,
+            key_padding=key_padding,
+        )
+    if plan.kernel == "scan":
+        return scan_biased_attention(
+            q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,
+            query_grid=coordinates.grid, position_bias=position_bias, log_distance=log_distance, scale=scale,
+            chunk=plan.chunk, key_padding=key_padding,
+        )
+    if plan.kernel != "sdpa":
+        raise ValueError(f"plan.kernel: expected 'piecewise', 'sdpa' or 'scan', got {plan.kernel!r}")
+    bias_function = position_bias
+    if table is not None:
+        def bias_function(distance: Tensor) -> Tensor:
+            return piecewise_linear_bias(distance, table, log_distance)
+    return sdpa_biased_attention(
+        q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,
+        position_bias=bias_function, scale=scale, chunk=plan.chunk, key_padding=key_padding, dropout_p=dropout_p,
+    )
