@@ -1,4 +1,5 @@
-"""The benchmark command end to end at tiny sizes: files, rows, resume, skip rule, arguments.
+"""The benchmark command end to end at tiny sizes: files, rows, resume, skip rule, arguments;
+then its parts alone: the cases' layers, the memory probe, the worker, the results store.
 
 No timing is asserted: speed is what the benchmark measures, not what a test can promise.
 """
@@ -6,14 +7,21 @@ No timing is asserted: speed is what the benchmark measures, not what a test can
 from __future__ import annotations
 
 import csv
+import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
-from deform_attn import bench
+from deform_attn import baselines, bench, provenance
+from deform_attn.bench import cases, memory, plot, store, worker
+from deform_attn.kernels import Implementation
+from deform_attn.offsets import default_offset_kernel_size
 
 pytest.importorskip("deformable_attention")
 
@@ -81,9 +89,11 @@ def test_meta_records_environment_command_and_parity(tiny_run):
     out, _ = tiny_run
     meta = json.loads((out / "meta.json").read_text())
     environment = meta["environment"]
-    for field in ("device", "device_name", "cpu_model", "torch_threads", "torch_version", "git_commit"):
-        assert field in environment
-    assert environment["torch_threads"] >= 1
+    # the provenance module's keys, plus the reference's version
+    assert set(environment) == set(provenance.environment("cpu")) | {"deformable_attention_version"}
+    assert not set(environment) & set(store.LEGACY_ENVIRONMENT_KEYS)
+    assert environment["threads"] == int(read_csv(out)[0]["threads"]) >= 1
+    assert environment["git_commit"] is None or not environment["git_commit"].endswith("+dirty")
     assert meta["settings"]["dtype"] == "float32"
     assert meta["settings"]["lengths"] == [64, 128]
     assert meta["command"].startswith("python -m deform_attn.bench --lengths 128,64")
@@ -173,25 +183,180 @@ def test_parse_lengths_sorts_and_deduplicates():
     assert bench.parse_lengths("1024, 512,512") == [512, 1024]
 
 
-def test_full_attention_matches_explicit_softmax():
-    import torch
+SHAPE = {"dim": 16, "dim_head": 4, "heads": 4, "downsample": 4}
+DATA = Path(__file__).resolve().parents[1] / "deform_attn" / "data" / "bench"
+COMMITTED_RUNS = sorted(p for p in DATA.iterdir() if (p / "meta.json").is_file())
 
-    torch.manual_seed(0)
-    layer = bench.FullAttention1D(dim=8, dim_head=4, heads=2)
-    x = torch.randn(2, 8, 10)
-    q, k, v = (f(x).view(2, 2, 4, 10).transpose(2, 3) for f in (layer.to_q, layer.to_k, layer.to_v))
+
+# ---------------------------------------------------------------------------------------------
+# the package's surface
+
+
+def test_console_script_and_module_reach_the_same_main():
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    module, name = re.search(r'^deform-attn-bench\s*=\s*"([^"]+)"', pyproject, re.MULTILINE).group(1).split(":")
+    assert getattr(importlib.import_module(module), name) is bench.main
+    result = run_bench("--help")
+    assert "--plot-only" in result.stdout and "--worker" not in result.stdout
+
+
+def test_public_names_are_exported():
+    for name in bench.__all__:
+        assert getattr(bench, name) is not None, name
+    assert bench.FullAttention1D is baselines.FullAttention1D
+
+
+# ---------------------------------------------------------------------------------------------
+# cases
+
+
+def test_case_d_is_the_shared_baseline_and_matches_explicit_softmax():
+    layer = cases.build_layer("d", **SHAPE)
+    assert type(layer) is baselines.FullAttention1D
+    x = torch.randn(2, 16, 10)  # (b, dim, n)
+    # shape: (b, n, 3 h d) -> 3 x (b, h, n, d)
+    q, k, v = layer.to_qkv(x.transpose(1, 2)).view(2, 10, 3, 4, 4).permute(2, 0, 3, 1, 4)
     weights = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)  # scale 1 / sqrt(dim_head)
-    expected = layer.to_out((weights @ v).transpose(2, 3).reshape(2, 8, 10))
+    expected = layer.to_out((weights @ v).transpose(1, 2).reshape(2, 10, 16)).transpose(1, 2)
     torch.testing.assert_close(layer(x), expected)
 
 
-def test_cases_c_and_e_are_the_same_layer_on_two_kernels():
-    import torch
+def test_every_case_is_built_from_the_same_seed():
+    x = torch.randn(1, 16, 32)
+    for case in "bcde":
+        first, second = cases.build_layer(case, **SHAPE), cases.build_layer(case, **SHAPE)
+        with torch.no_grad():
+            torch.testing.assert_close(first(x), second(x), rtol=0, atol=0)
 
-    spec = {"dim": 16, "dim_head": 4, "heads": 4, "downsample": 4}
-    default, sdpa = bench._build_layer("c", spec), bench._build_layer("e", spec)
+
+@pytest.mark.parametrize("downsample", [3, 4, 8])
+def test_deformable_cases_use_the_default_offset_kernel_size(downsample):
+    shape = {**SHAPE, "downsample": downsample}
+    for case in "abce":
+        layer = cases.build_layer(case, **shape)
+        # the offset network's depthwise convolution is the one with stride r
+        kernels = [m.kernel_size[0] for m in layer.modules() if isinstance(m, nn.Conv1d) and m.stride[0] == downsample]
+        assert kernels == [default_offset_kernel_size(downsample)], case
+    assert default_offset_kernel_size(3) == 7  # the reference's own default 6 is invalid for r = 3
+
+
+def test_case_b_carries_the_weights_of_case_a():
+    result = cases.parity(**SHAPE, batch=1, length=32, device="cpu")
+    assert result["status"] == "ok" and result["passed"] and result["n"] == 32
+    assert result["max_abs_diff"] <= cases.PARITY_TOLERANCE < result["max_abs_output"]
+
+
+def test_unknown_case_is_rejected():
+    with pytest.raises(ValueError, match="case: expected one of"):
+        cases.build_layer("x", **SHAPE)
+
+
+def test_cases_c_and_e_are_the_same_layer_on_two_kernels():
+    default, sdpa = cases.build_layer("c", **SHAPE), cases.build_layer("e", **SHAPE)
+    assert default.implementation == Implementation() and sdpa.implementation == Implementation(kernel="sdpa")
     x = torch.randn(1, 16, 400)  # long enough for "auto" to pick the piecewise kernel
-    kinks = default.position_bias.table(torch.float32)[0].numel()
-    assert default.resolved_attention_kernel(x, length=400, num_kinks=kinks) == "piecewise"
-    assert sdpa.resolved_attention_kernel(x) == "sdpa"
+    q = torch.zeros(1, SHAPE["heads"], 400, SHAPE["dim_head"])  # (b, h, n, d)
+    cells = 400 // SHAPE["downsample"]
+    plans = [layer.attention_plan(q, cells=cells, bias=layer.bias_for_kernels(torch.float32))
+             for layer in (default, sdpa)]
+    assert [plan.kernel for plan in plans] == ["piecewise", "sdpa"]
     torch.testing.assert_close(default(x), sdpa(x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory and worker
+
+
+def test_peak_memory_sees_an_allocation_after_the_baseline():
+    probe = memory.PeakMemory(torch.device("cpu"))
+    assert probe.method in memory.MEMORY_METHODS
+    probe.start()
+    block = torch.ones(16 * 2**20)  # 64 MiB, written, so resident
+    assert probe.peak() >= 60 * 2**20
+    del block
+
+
+def test_worker_body_writes_its_measurement(tmp_path):
+    result_file = tmp_path / "result.json"
+    spec = {**SHAPE, "case": "d", "n": 16, "mode": "fwd+bwd", "device": "cpu", "dtype": "float32", "batch": 1,
+            "repeats": 3, "warmup": 1, "threads": None, "result_file": str(result_file)}
+    assert worker.run_spec(json.dumps(spec)) == 0
+    result = json.loads(result_file.read_text())
+    assert result["status"] == "ok"
+    assert 0 < result["min_s"] <= result["median_s"] <= result["max_s"]
+    assert result["threads"] == torch.get_num_threads()
+
+
+# ---------------------------------------------------------------------------------------------
+# store
+
+
+def _row(**changes):
+    row = {"case": "c", "label": bench.CASES["c"], "n": 128, "mode": "fwd", "status": "ok", "reason": "",
+           "median_s": 0.5, "min_s": 0.25, "max_s": 1.0, "peak_bytes": 1024, "estimated_bytes": "",
+           "memory_method": "vmhwm", "device": "cpu", "dtype": "float32", "dim": 32, "heads": 2, "dim_head": 16,
+           "downsample": 4, "batch": 1, "repeats": 2, "warmup": 0, "threads": 2}
+    return {**row, **changes}
+
+
+def test_csv_round_trip_keeps_the_resume_key_and_sorts_rows(tmp_path):
+    rows = [_row(n=1024, mode="fwd+bwd"), _row(n=1024), _row(n=128, extra="dropped"), _row(case="a", n=1024)]
+    store.write_results(tmp_path, rows)
+    back = store.read_results(tmp_path)
+    assert list(back[0]) == list(bench.CSV_COLUMNS)
+    # sorted by case, then n as a number (128 before 1024), then mode in MODES order
+    assert [(r["case"], r["n"], r["mode"]) for r in back] == [
+        ("a", "1024", "fwd"), ("c", "128", "fwd"), ("c", "1024", "fwd"), ("c", "1024", "fwd+bwd")
+    ]
+    assert {store.row_key(r) for r in back} == {store.row_key(r) for r in rows}
+    assert not (tmp_path / "results.csv.tmp").exists()
+
+
+def test_resume_key_changes_with_every_setting():
+    key = store.row_key(_row())
+    assert store.row_key(_row(median_s=9.0, status="failed")) == key  # results are not settings
+    for column in bench.SETTING_COLUMNS:
+        assert store.row_key(_row(**{column: "other"})) != key, column
+    for column in ("case", "n", "mode"):
+        assert store.row_key(_row(**{column: "other"})) != key, column
+
+
+def test_bench_environment_is_the_provenance_record_with_the_bench_threads():
+    record = store.environment("cpu", threads=7)
+    expected = provenance.environment("cpu")
+    assert record["threads"] == 7
+    assert record["deformable_attention_version"] == "0.0.20"
+    for key in set(expected) - {"threads", "git_commit"}:
+        assert record[key] == expected[key], key
+
+
+def test_old_and_new_meta_keys_read_the_same(tmp_path):
+    settings = {"dtype": "float32", "dim": 512, "heads": 8, "dim_head": 64, "downsample": 4, "batch": 1}
+    old = {"device_name": "AMD EPYC", "torch_threads": 2, "torch_version": "2.13.0", "cuda_version": None,
+           "python_version": "3.11.7", "deform_attn_version": "0.1.0", "git_commit": "abc+dirty"}
+    new = {"device_name": "AMD EPYC", "threads": 2, "torch": "2.13.0", "cuda": None, "python": "3.11.7",
+           "deform_attn": "0.1.0", "git_commit": "abc+dirty"}
+    for name, environment in (("old", old), ("new", new)):
+        (tmp_path / name).mkdir()
+        store.write_meta(tmp_path / name, {"environment": environment, "settings": settings})
+    old_meta, new_meta = store.read_meta(tmp_path / "old"), store.read_meta(tmp_path / "new")
+    assert old_meta == new_meta
+    assert old_meta["environment"]["git_commit"] == "abc+dirty" and provenance.is_dirty_commit("abc+dirty")
+    title = plot.plot_title(json.loads((tmp_path / "old" / "meta.json").read_text()))  # raw, old keys
+    assert title == plot.plot_title(new_meta)
+    assert title.startswith("AMD EPYC (2 threads), torch 2.13.0, float32, dim 512, heads 8 x 64")
+    # both names present: the current one wins
+    assert store.normalize_environment({"threads": 4, "torch_threads": 2})["threads"] == 4
+    assert store.read_meta(tmp_path / "missing") == {} and plot.plot_title({}) is None
+
+
+@pytest.mark.parametrize("folder", COMMITTED_RUNS, ids=[p.name for p in COMMITTED_RUNS])
+def test_committed_runs_still_read(folder):
+    meta = bench.read_meta(folder)
+    environment = meta["environment"]
+    for key in ("device", "device_name", "threads", "torch", "python", "deform_attn", "git_commit"):
+        assert environment.get(key) is not None, key
+    assert "None" not in plot.plot_title(meta)
+    rows = bench.read_results(folder)
+    assert rows and set(rows[0]) == set(bench.CSV_COLUMNS)
+    assert len(bench.format_table(rows).splitlines()) > 2
