@@ -1,7 +1,9 @@
-"""The ablation wing: tasks, the bug-variant sampler, models, the runner (resume, SIGKILL, shards), results."""
+"""The ablation wing: the task and variant registries, the bug-variant sampler, models, the record
+schema, the runner (resume, SIGKILL, shards, provenance), results and publishing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -11,16 +13,22 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from deform_attn.experiments import grid, models, records, results, tasks
+from deform_attn import provenance
+from deform_attn.experiments import grid, models, records, results, schema, tasks, variants
+from deform_attn.experiments.train import TrainConfig
 from deform_attn.geometry import normalize_positions
+from deform_attn.offsets import ZeroOffsets, default_offset_kernel_size
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "deform_attn" / "experiments" / "data"
 
 @pytest.fixture
 def no_network(monkeypatch):
@@ -31,6 +39,17 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def registries():
+    """Tasks and variants a test registers are unregistered after it."""
+    saved_tasks, saved_variants = dict(tasks.TASKS), dict(variants.ATTENTION_VARIANTS)
+    yield
+    tasks.TASKS.clear()
+    tasks.TASKS.update(saved_tasks)
+    variants.ATTENTION_VARIANTS.clear()
+    variants.ATTENTION_VARIANTS.update(saved_variants)
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -146,6 +165,63 @@ def test_unknown_task_is_rejected():
         tasks.make_task("imagenet", {}, 0)
 
 
+def _parity_task(*, length: int = 16, num_train: int = 32, num_test: int = 16, seed: int = 0) -> tasks.TaskData:
+    """Parity of a bit string: a new task written as a test would write one."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(count: int) -> tasks.Split:
+        bits = torch.randint(0, 2, (count, length), generator=generator)
+        return tasks.Split(bits + 1, bits.sum(1) % 2, torch.full((count,), length))  # token ids 1, 2
+
+    train, test = draw(num_train), draw(num_test)
+    return tasks.TaskData(name="parity", kind="classification", train=train, test=test, num_classes=2, vocab_size=3)
+
+
+def test_a_new_task_is_one_function_and_one_registration(registries, monkeypatch, tmp_path):
+    from deform_attn.experiments.runner import run_grid
+
+    budget = {"steps": 2, "batch_size": 8, "warmup": 1}
+    assert tasks.register_task("parity", kind="classification", default_train=budget)(_parity_task) is _parity_task
+    assert tasks.TASKS["parity"].default_train == budget
+    # a preset that gives the task neither params nor a budget takes the registered ones
+    monkeypatch.setitem(grid.PRESETS, "micro_parity", {**grid.PRESETS["micro"], "tasks": {"parity": {}}, "sweeps": {}})
+    runs = grid.build_grid("micro_parity")
+    assert {r.task for r in runs} == {"parity"} and len(runs) == 6  # 3 micro variants x 2 seeds
+    assert all(r.train == TrainConfig(**budget) and r.task_params == () for r in runs)
+    counts = run_grid("micro_parity", tmp_path / "parity.jsonl", progress=False)
+    assert counts == {"grid": 6, "skipped": 0, "trained": 6, "non_finite": 0}
+    written = [schema.Record.from_dict(r) for r in records.read_records(tmp_path / "parity.jsonl")]
+    assert sorted(r.key for r in written) == sorted(r.key for r in runs)
+    assert all(r.task_kind == "classification" and 0 <= r.metric() <= 1 and r.num_train == 32 for r in written)
+
+
+def test_task_registration_is_validated(registries):
+    with pytest.raises(ValueError, match="already registered"):
+        tasks.register_task("adding", kind="regression", default_train={})
+    with pytest.raises(ValueError, match="kind"):
+        tasks.register_task("parity", kind="ranking", default_train={})
+    tasks.register_task("parity", kind="regression", default_train={})(_parity_task)
+    with pytest.raises(RuntimeError, match="registered as regression"):
+        tasks.make_task("parity", {}, 0)
+
+
+def test_existing_tasks_keep_their_data_and_budgets():
+    """The registry only looks tasks up: the same generator calls, the same data."""
+    assert set(tasks.TASKS) == {"adding", "listops", "mnist1d", "mnist1d_long", "osuleaf"}
+    direct = tasks.adding_problem(length=20, num_train=10, num_test=5, seed=4)
+    looked_up = tasks.make_task("adding", {"length": 20, "num_train": 10, "num_test": 5}, 4)
+    assert torch.equal(direct.train.x, looked_up.train.x) and torch.equal(direct.test.y, looked_up.test.y)
+    assert tasks.TASKS["mnist1d_long"].build is tasks.TASKS["mnist1d"].build is tasks.mnist1d
+    assert tasks.TASKS["adding"].default_train == {"steps": 1000, "batch_size": 16, "warmup": 100}
+
+
+def test_published_results_name_exactly_the_runs_of_their_preset():
+    """Presets (and the task budgets they take) still define the runs whose results ship."""
+    for preset in results.published_presets():
+        published, _ = results.load_published(preset)
+        assert {r["key"] for r in published} == {r.key for r in grid.build_grid(preset)}, preset
+
+
 # ---------------------------------------------------------------------------- the <= 0.0.18 bug
 
 
@@ -177,7 +253,7 @@ def test_bug018_layer_uses_the_wrong_sampler_and_still_trains():
 # ---------------------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("attention", models.ATTENTION_KINDS)
+@pytest.mark.parametrize("attention", list(variants.ATTENTION_VARIANTS))
 @pytest.mark.parametrize("token_input", [True, False])
 def test_every_attention_kind_runs_forward_and_backward_with_padding(attention, token_input):
     config = models.ModelConfig(attention=attention, dim=16, depth=2, heads=2, dim_head=8, window=4)
@@ -197,7 +273,7 @@ def test_every_attention_kind_runs_forward_and_backward_with_padding(attention, 
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("attention", ["deformable", "downsampled", "full", "local"])
+@pytest.mark.parametrize("attention", ["deformable", "downsampled", "full", "local", "mlp_only"])
 def test_padding_does_not_change_the_prediction(attention):
     """A sequence padded at the end gives the same output as the sequence alone (bug018 excepted)."""
     config = models.ModelConfig(attention=attention, dim=16, depth=2, heads=2, dim_head=8, window=4)
@@ -213,6 +289,111 @@ def test_downsampled_variant_has_zero_offsets():
     layer = models.build_model(config, num_outputs=2, in_channels=1).blocks[0].attention.layer
     _, vgrid = layer(torch.randn(2, 16, 16), return_vgrid=True)
     torch.testing.assert_close(vgrid, torch.arange(4.0).expand_as(vgrid))
+
+
+def _seeded_layer(attention: str, **changes) -> nn.Module:
+    torch.manual_seed(0)
+    config = models.ModelConfig(attention=attention, dim=16, heads=2, dim_head=8, **changes)
+    return variants.ATTENTION_VARIANTS[attention].build(config).layer
+
+
+def test_downsampled_variant_is_the_deformable_layer_with_offsets_forced_to_zero():
+    deformable, downsampled = _seeded_layer("deformable"), _seeded_layer("downsampled")
+    assert isinstance(downsampled.to_offsets, ZeroOffsets) and not list(downsampled.to_offsets.parameters())
+    offset_weights = sum(p.numel() for p in deformable.to_offsets.parameters())
+    assert models.count_parameters(downsampled) == models.count_parameters(deformable) - offset_weights
+    kept = downsampled.state_dict()
+    assert all(torch.equal(value, deformable.state_dict()[name]) for name, value in kept.items())
+    offset_names = {f"to_offsets.{name}" for name, _ in deformable.to_offsets.named_parameters()}
+    assert set(deformable.state_dict()) - set(kept) == offset_names
+    with torch.no_grad():
+        deformable.to_offsets.pointwise.weight.zero_()  # pointwise has no bias: tanh(0) = 0 offsets
+    x = torch.randn(3, 24, 16)
+    mask = torch.arange(24)[None, :] < torch.tensor([[24], [17], [9]])
+    torch.testing.assert_close(downsampled(x), deformable(x), rtol=0, atol=0)
+    torch.testing.assert_close(downsampled(x, mask=mask), deformable(x, mask=mask), rtol=0, atol=0)
+
+
+def test_no_position_bias_removes_the_bias_and_keeps_the_other_weights():
+    biased, unbiased = _seeded_layer("deformable"), _seeded_layer("deformable", position_bias="none")
+    assert biased.position_bias is not None and unbiased.position_bias is None
+    bias_weights = sum(p.numel() for p in biased.position_bias.parameters())
+    assert models.count_parameters(unbiased) == models.count_parameters(biased) - bias_weights
+    assert all(torch.equal(value, biased.state_dict()[name]) for name, value in unbiased.state_dict().items())
+    x = torch.randn(2, 24, 16)
+    assert not torch.allclose(unbiased(x), biased(x))
+    with pytest.raises(ValueError, match="position_bias"):
+        models.ModelConfig(position_bias="alibi")
+
+
+@pytest.mark.parametrize("attention", list(variants.ATTENTION_VARIANTS))
+def test_variants_are_built_without_the_layers_deprecated_flags(attention):
+    config = models.ModelConfig(attention=attention, dim=16, heads=2, dim_head=8, position_bias="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        module = variants.build_attention(config)
+        module(torch.randn(2, 16, 16), torch.ones(2, 16, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 8])
+def test_offset_kernel_size_none_follows_the_package_rule(r):
+    layer = _seeded_layer("deformable", downsample_factor=r)
+    assert layer.to_offsets.depthwise.kernel_size == (default_offset_kernel_size(r),)
+    explicit = _seeded_layer("deformable", downsample_factor=r, offset_kernel_size=r + 2)
+    assert explicit.to_offsets.depthwise.kernel_size == (r + 2,)
+
+
+def test_mlp_only_control_mixes_nothing_across_tokens():
+    config = models.ModelConfig(attention="mlp_only", dim=16, depth=2, heads=2, dim_head=8)
+    model = models.build_model(config, num_outputs=3, in_channels=2)
+    assert all(not list(block.attention.parameters()) for block in model.blocks)
+    deformable = models.build_model(dataclasses.replace(config, attention="deformable"), num_outputs=3, in_channels=2)
+    attention_weights = sum(models.count_parameters(block.attention) for block in deformable.blocks)
+    assert models.count_parameters(model) == models.count_parameters(deformable) - attention_weights
+    h = torch.randn(1, 12, 16)
+    changed = h.clone()
+    changed[0, 5] += 1.0
+    before, after = model.blocks[0](h, None), model.blocks[0](changed, None)
+    others = torch.arange(12) != 5
+    torch.testing.assert_close(after[0, others], before[0, others], rtol=0, atol=0)
+    assert not torch.allclose(after[0, 5], before[0, 5])
+
+
+class _Tokenwise(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        return self.proj(x)
+
+
+def test_a_new_variant_is_one_registered_function(registries, monkeypatch):
+    @variants.register_variant("tokenwise")
+    def tokenwise(config):
+        """A per-token linear map in place of attention."""
+        return _Tokenwise(config.dim)
+
+    assert variants.ATTENTION_VARIANTS["tokenwise"].description == "A per-token linear map in place of attention."
+    config = models.ModelConfig(attention="tokenwise", dim=16, depth=2, heads=2, dim_head=8)
+    model = models.build_model(config, num_outputs=3, vocab_size=10)
+    assert all(isinstance(block.attention, _Tokenwise) for block in model.blocks)
+    control = models.build_model(dataclasses.replace(config, attention="mlp_only"), num_outputs=3, vocab_size=10)
+    assert models.count_parameters(model) == models.count_parameters(control) + 2 * (16 * 16 + 16)
+    assert model(torch.randint(1, 10, (2, 8))).shape == (2, 3)
+    monkeypatch.setitem(grid.PRESETS, "micro_tokenwise", {**grid.PRESETS["micro"], "variants": ["tokenwise"]})
+    assert {r.variant for r in grid.build_grid("micro_tokenwise") if r.axis is None} == {"tokenwise"}
+    with pytest.raises(ValueError, match="already registered"):
+        variants.register_variant("tokenwise")
+
+
+def test_presets_list_only_registered_variants_and_the_main_comparison_is_unchanged(monkeypatch):
+    assert grid.MAIN_VARIANTS == ("deformable", "downsampled", "full", "bug018")
+    assert set(grid.MAIN_VARIANTS) <= set(variants.ATTENTION_VARIANTS)
+    assert all("mlp_only" not in spec["variants"] for spec in grid.PRESETS.values())
+    monkeypatch.setitem(grid.PRESETS, "micro_typo", {**grid.PRESETS["micro"], "variants": ["deformabel"]})
+    with pytest.raises(ValueError, match="deformabel"):
+        grid.build_grid("micro_typo")
 
 
 def test_model_config_rejects_unknown_attention():
@@ -299,6 +480,11 @@ def test_runner_micro_grid_records_and_resume(tmp_path):
                   "device", "torch", "git_commit", "preset", "config_hash", "key"):
         assert field in record
     assert math.isfinite(record["metrics"]["test_mse"])
+    parsed = schema.Record.from_dict(record)
+    assert parsed.schema == schema.SCHEMA_VERSION == 2 and parsed.to_dict() == record
+    assert parsed.command == f"python -m deform_attn.experiments run --preset micro --out {out} --quiet"
+    assert parsed.git_commit == provenance.git_commit() and parsed.learning_curve == [] and parsed.train_flops is None
+    assert parsed.torch == torch.__version__ and parsed.threads == torch.get_num_threads()
     assert main(["run", "--preset", "micro", "--out", str(out), "--quiet"]) == 0  # nothing left to do
     assert out.read_text().splitlines() == lines
 
@@ -335,13 +521,32 @@ def test_shard_results_merge_into_the_whole_grid(tmp_path):
     assert sorted(r["key"] for r in merged) == sorted(r.key for r in grid.build_grid("micro"))
 
 
+def test_runner_refuses_to_resume_into_records_of_an_older_schema(tmp_path, capsys):
+    from deform_attn.experiments.runner import main
+
+    out = tmp_path / "old.jsonl"
+    out.write_text((DATA / "smoke" / "results.jsonl").read_text())
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "--preset", "micro", "--out", str(out), "--quiet"])
+    assert stop.value.code == 2 and "older schema" in capsys.readouterr().err
+    assert out.read_text() == (DATA / "smoke" / "results.jsonl").read_text()
+
+
 # ---------------------------------------------------------------------------- aggregation
 
 
-def _record(task, variant, seed, value, kind="test_accuracy"):
-    return {"preset": "p", "task": task, "variant": variant, "config_hash": variant, "seed": seed, "axis": None,
-            "attention": variant, "overrides": {}, "primary_metric": kind, "metrics": {kind: value},
-            "baseline": {kind: 0.1}, "params": 1, "train_time_s": 1.0, "device": "cpu", "torch": "x", "git_commit": None}
+def _record(task, variant, seed, value, kind="test_accuracy", **changes):
+    """A complete record (as its JSON object) with ``value`` as its primary metric."""
+    record = schema.Record(
+        schema=schema.SCHEMA_VERSION, key=f"{task}/{variant}/{variant}/{seed}", preset="p", task=task,
+        task_kind="regression" if kind == "test_mse" else "classification", variant=variant, attention=variant,
+        axis=None, overrides={}, config_hash=variant, config={}, seed=seed, shard=None, primary_metric=kind,
+        higher_is_better=kind != "test_mse", metrics={kind: value}, finite=True, baseline={kind: 0.1},
+        reference={}, sequence_length=8, num_train=4, num_test=4, params=1, train_time_s=1.0, eval_time_s=0.1,
+        run_wall_s=1.2, run_cpu_s=1.1, amp="none", device="cpu", device_name="x", threads=1, torch="x",
+        python="3.11", git_commit="0" * 40, finished_at="2026-01-01T00:00:00+0000",
+    )
+    return dataclasses.replace(record, **changes).to_dict()
 
 
 def test_t_quantiles_match_tables():
@@ -385,11 +590,11 @@ def test_tables_dataframe_plots_and_published_results(tmp_path):
     assert all(p.exists() and p.stat().st_size > 0 for p in written)
     source = tmp_path / "r.jsonl"
     for record in data:
-        records.append_record(source, record | {"key": f"{record['variant']}/{record['seed']}", "device_name": "x"})
+        records.append_record(source, record)
     folder = results.publish([source], "p", command="python -m deform_attn.experiments run --preset p",
                              destination=tmp_path / "data")
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["records"] == 6 and meta["seeds"] == [0, 1, 2]
+    assert meta["records"] == 6 and meta["seeds"] == [0, 1, 2] and meta["git_commits"] == ["0" * 40]
 
 
 def test_published_results_load_through_importlib_resources():
@@ -400,6 +605,60 @@ def test_published_results_load_through_importlib_resources():
     assert {r["task"] for r in loaded} == set(grid.PRESETS["smoke"]["tasks"])
     with pytest.raises(FileNotFoundError, match="no published results"):
         results.load_published("no-such-preset")
+
+
+# ---------------------------------------------------------------------------- the record schema
+
+
+def test_record_round_trips_through_json():
+    record = schema.Record.from_dict(_record("t", "full", 3, 0.75, learning_curve=[{"step": 10, "test_accuracy": 0.5}],
+                                             command="python -m deform_attn.experiments run --preset p",
+                                             train_flops=1.5e12))
+    again = schema.Record.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again == record and again.metric() == 0.75 and again.learning_curve[0]["step"] == 10
+
+
+@pytest.mark.parametrize("preset", ["cpu", "smoke"])
+def test_record_reads_the_committed_schema_1_results(preset):
+    lines = (DATA / preset / "results.jsonl").read_text().splitlines()
+    for line in lines:
+        raw = json.loads(line)
+        record = schema.Record.from_dict(raw)
+        assert record.schema == 1 and record.command is None
+        assert record.learning_curve == [] and record.train_flops is None
+        converted = record.to_dict()
+        assert {name: converted[name] for name in raw} == raw  # every stored value kept as it was
+    assert results.summarize([json.loads(line) for line in lines])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda raw: raw | {"schema": 3}, "schema expected one of"),
+        (lambda raw: raw | {"colour": "red"}, r"unknown fields \['colour'\]"),
+        (lambda raw: {k: v for k, v in raw.items() if k != "metrics"}, r"missing fields \['metrics'\]"),
+    ],
+)
+def test_record_rejects_unknown_schemas_and_fields(edit, message):
+    with pytest.raises(ValueError, match=message):
+        schema.Record.from_dict(edit(_record("t", "full", 0, 0.5)))
+
+
+def test_publish_refuses_records_from_a_dirty_checkout(tmp_path, capsys):
+    from deform_attn.experiments.runner import main
+
+    source = tmp_path / "r.jsonl"
+    records.append_record(source, _record("t", "full", 0, 0.5, preset="micro"))
+    records.append_record(source, _record("t", "full", 1, 0.6, preset="micro", git_commit="a" * 40 + "-dirty"))
+    records.append_record(source, _record("t", "full", 2, 0.7, preset="micro", git_commit=None))
+    with pytest.raises(ValueError, match="2 of 3 records come from a modified or unknown checkout"):
+        results.publish([source], "micro", command="c", destination=tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+    argv = ["publish", "--preset", "micro", "--command", "c", "--destination", str(tmp_path / "data"), str(source)]
+    assert main(argv) == 2 and "--allow-dirty" in capsys.readouterr().err
+    assert main([*argv, "--allow-dirty"]) == 0
+    meta = json.loads((tmp_path / "data" / "micro" / "meta.json").read_text())
+    assert meta["records"] == 3 and meta["git_commits"] == sorted(["0" * 40, "a" * 40 + "-dirty", "None"])
 
 
 # ---------------------------------------------------------------------------- the CI preset

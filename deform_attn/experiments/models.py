@@ -1,20 +1,13 @@
 """A small pre-norm Transformer encoder with pluggable attention, for the ablations.
 
-Axis letters: b batch, n tokens, h heads, d channels, m sampled keys.
+Axis letters: b batch, n tokens, d channels.
 
-Attention kinds (``ModelConfig.attention``):
+The attention of every block is the variant ``ModelConfig.attention`` names, one of the registered
+:data:`deform_attn.experiments.variants.ATTENTION_VARIANTS` (``deformable``, ``downsampled``,
+``bug018``, ``full``, ``local``, ``mlp_only``; see :mod:`deform_attn.experiments.variants`).
 
-* ``"deformable"``: :class:`deform_attn.DeformableAttention1D` (``batch_first=True``).
-* ``"downsampled"``: the same layer with ``use_offsets=False``: identical sampling of ``n / r`` keys,
-  offsets fixed at zero. The offset network's weights exist but receive no gradient.
-* ``"bug018"``: the deformable layer with the sampling that ``deformable-attention`` <= 0.0.18
-  computed (:class:`Bug018DeformableAttention1D`).
-* ``"full"``: multi-head attention over all tokens through ``scaled_dot_product_attention``, with the
-  same width (heads x dim_head); the reference point.
-* ``"local"``: the same multi-head attention restricted to a window of ``window`` tokens either side.
-
-Every kind sees the same token embedding and the same fixed sinusoidal positions, so that the
-attention layer is the only difference between variants (the deformable kinds add their continuous
+Every variant sees the same token embedding and the same fixed sinusoidal positions, so that the
+attention layer is the only difference between variants (the deformable ones add their continuous
 position bias on top, as the layer does).
 """
 
@@ -22,46 +15,47 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import DeformableAttention1D
-from ..geometry import normalize_positions
 from .config import RecordedConfig
+from .variants import ATTENTION_VARIANTS, Bug018DeformableAttention1D, build_attention, bug018_sample
 
 __all__ = [
-    "ATTENTION_KINDS",
     "ModelConfig",
-    "Bug018DeformableAttention1D",
-    "bug018_sample",
-    "MultiHeadAttention",
     "Encoder",
     "build_model",
     "count_parameters",
+    "sinusoidal_positions",
+    # re-exported from .variants, where they live now
+    "Bug018DeformableAttention1D",
+    "bug018_sample",
 ]
 
-ATTENTION_KINDS: tuple[str, ...] = ("deformable", "downsampled", "bug018", "full", "local")
-DEFORMABLE_KINDS: tuple[str, ...] = ("deformable", "downsampled", "bug018")
+POSITION_BIAS_CHOICES: tuple[str, ...] = ("cpb", "none")
 
 
 @dataclass(frozen=True)
 class ModelConfig(RecordedConfig):
-    """Everything that defines a model; stored in every result record.
+    """Everything that defines a model; stored in every result record (and hashed into run keys).
 
     Args:
-        attention: one of :data:`ATTENTION_KINDS`.
+        attention: a registered variant, a key of
+            :data:`deform_attn.experiments.variants.ATTENTION_VARIANTS`.
         dim: model width (channels).
         depth: number of Transformer blocks.
-        heads, dim_head: attention heads and channels per head (all kinds).
+        heads, dim_head: attention heads and channels per head (every variant with attention).
         mlp_ratio: hidden width of the MLP as a multiple of ``dim``.
         dropout: dropout on the residual branches.
-        downsample_factor, offset_scale, offset_groups, offset_kernel_size, position_bias,
-            cpb_log_distance, geometry: passed to :class:`DeformableAttention1D` (deformable kinds).
-            ``offset_kernel_size=None`` means ``downsample_factor + 2``, which satisfies the
-            layer's rule (``>= r``, difference even) for every ``r``.
+        downsample_factor, offset_scale, offset_groups, offset_kernel_size, cpb_log_distance,
+            geometry: passed to :class:`deform_attn.DeformableAttention1D` (deformable variants).
+            ``offset_kernel_size=None`` means :func:`deform_attn.offsets.default_offset_kernel_size`
+            of ``downsample_factor``: 6 for r = 2, 4, 6 (the reference's kernel), the nearest valid
+            size otherwise. (Records of schema 1 used ``r + 2``, the same for r = 4 only.)
+        position_bias: ``"cpb"`` (continuous position bias) or ``"none"``: the deformable variants
+            are built with the bias and then have it removed (see
+            :func:`deform_attn.experiments.variants.deformable_layer`).
         window: tokens either side for ``"local"``.
     """
 
@@ -82,130 +76,10 @@ class ModelConfig(RecordedConfig):
     window: int = 16
 
     def __post_init__(self):
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention: expected one of {ATTENTION_KINDS}, got {self.attention!r}")
-
-
-# ---------------------------------------------------------------------------- attention kinds
-
-
-def bug018_sample(grouped_x: Tensor, positions: Tensor) -> Tensor:
-    """What ``deformable-attention`` <= 0.0.18 sampled, in closed form.
-
-    That version laid the sequence on the **height** axis of an (n, 1) image but put the normalized
-    sample positions ``g`` into ``grid_sample``'s **x** (width) coordinate, with y = 0
-    (``align_corners=False``, zero padding). y = 0 unnormalizes to row (n - 1) / 2, the middle
-    token (the mean of the two middle tokens for even n); ``g`` unnormalizes to the width index
-    ``x_idx = ((g + 1) * 1 - 1) / 2 = g / 2``, and the only column, 0, gets the bilinear weight
-    ``max(0, 1 - |x_idx|)``. So every key is the middle token scaled by that weight.
-
-    Args:
-        grouped_x: (batch, channels, n) the sequence.
-        positions: (batch, m) sample positions in tokens (as :func:`deform_attn.sample_positions`).
-
-    Returns:
-        (batch, channels, m) the samples.
-    """
-    length = grouped_x.shape[-1]
-    normalized = normalize_positions(positions, length, align_corners=False)  # what grid_sample got
-    width_index = ((normalized + 1.0) * 1 - 1.0) / 2.0  # unnormalized along a width of 1
-    weight = (1.0 - width_index.abs()).clamp_min(0.0).to(grouped_x.dtype)  # (b, m)
-    if length % 2:
-        middle = grouped_x[..., (length - 1) // 2]
-    else:
-        middle = 0.5 * (grouped_x[..., length // 2 - 1] + grouped_x[..., length // 2])
-    return middle[..., None] * weight[:, None, :]  # (b, c, 1) x (b, 1, m) -> (b, c, m)
-
-
-class Bug018DeformableAttention1D(DeformableAttention1D):
-    """``DeformableAttention1D`` with the wrong-axis sampling of ``deformable-attention`` <= 0.0.18.
-
-    Everything else (offsets, projections, position bias) is the corrected layer; only
-    :meth:`sample_keys` is replaced by :func:`bug018_sample`, which measures what the bug cost.
-    The samples depend on the padded length, so this variant is not padding invariant.
-    """
-
-    def sample_keys(self, grouped_x: Tensor, positions: Tensor) -> Tensor:
-        return bug018_sample(grouped_x, positions)
-
-
-class MultiHeadAttention(nn.Module):
-    """Multi-head self-attention over (batch, n, dim) through ``scaled_dot_product_attention``.
-
-    Args:
-        dim: channels in and out.
-        heads, dim_head: heads and channels per head.
-        window: if given, each query attends only to keys within ``window`` tokens (local attention).
-
-    Forward:
-        x: (batch, n, dim); mask: optional (batch, n) bool, True for real tokens. Padded keys get no
-        weight; outputs at padded positions are zero.
-    """
-
-    def __init__(self, *, dim: int, heads: int, dim_head: int, window: int | None = None):
-        super().__init__()
-        if window is not None and window < 0:
-            raise ValueError(f"window: expected a non-negative number of tokens, got {window}")
-        self.heads, self.window = heads, window
-        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
-        self.to_out = nn.Linear(heads * dim_head, dim)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        batch, length, _ = x.shape
-        # shape: (b, n, 3 h d) -> 3 x (b, h, n, d)
-        q, k, v = self.to_qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        allowed = None
-        if mask is not None:
-            allowed = mask[:, None, None, :]  # (b, 1, 1, n) keys
-        if self.window is not None:
-            index = torch.arange(length, device=x.device)
-            band = (index[:, None] - index[None, :]).abs() <= self.window  # (n, n)
-            allowed = band[None, None] if allowed is None else allowed & band[None, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        out = self.to_out(out.transpose(1, 2).reshape(batch, length, -1))
-        if mask is not None:
-            out = out * mask[..., None].to(out.dtype)
-        return out
-
-
-class _DeformableBlockAttention(nn.Module):
-    """Adapter: the deformable layer, with the mask passed only where its geometry supports one."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        cls = Bug018DeformableAttention1D if config.attention == "bug018" else DeformableAttention1D
-        r = config.downsample_factor
-        self.layer = cls(
-            dim=config.dim,
-            dim_head=config.dim_head,
-            heads=config.heads,
-            downsample_factor=r,
-            offset_scale=config.offset_scale,
-            offset_groups=config.offset_groups,
-            offset_kernel_size=config.offset_kernel_size if config.offset_kernel_size is not None else r + 2,
-            position_bias=config.position_bias,
-            cpb_log_distance=config.cpb_log_distance,
-            geometry=config.geometry,
-            use_offsets=config.attention != "downsampled",
-            batch_first=True,
-            check_finite=False,
-        )
-        # The 'lucidrains' geometry has no padding masks; its tasks are fixed-length (see presets).
-        self.pass_mask = config.geometry == "centered"
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is not None and bool(mask.all()):
-            mask = None  # no padding in this batch: the faster unmasked path gives the same result
-        if mask is not None and not self.pass_mask:
-            raise ValueError("geometry='lucidrains' cannot take padded batches; use fixed-length tasks")
-        return self.layer(x, mask=mask)
-
-
-def _make_attention(config: ModelConfig) -> nn.Module:
-    if config.attention in DEFORMABLE_KINDS:
-        return _DeformableBlockAttention(config)
-    window = config.window if config.attention == "local" else None
-    return MultiHeadAttention(dim=config.dim, heads=config.heads, dim_head=config.dim_head, window=window)
+        if self.attention not in ATTENTION_VARIANTS:
+            raise ValueError(f"attention: expected one of {tuple(ATTENTION_VARIANTS)}, got {self.attention!r}")
+        if self.position_bias not in POSITION_BIAS_CHOICES:
+            raise ValueError(f"position_bias: expected one of {POSITION_BIAS_CHOICES}, got {self.position_bias!r}")
 
 
 # ---------------------------------------------------------------------------- encoder
@@ -227,7 +101,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.dim)
-        self.attention = _make_attention(config)
+        self.attention = build_attention(config)
         self.mlp_norm = nn.LayerNorm(config.dim)
         hidden = config.mlp_ratio * config.dim
         self.mlp = nn.Sequential(nn.Linear(config.dim, hidden), nn.GELU(), nn.Linear(hidden, config.dim))

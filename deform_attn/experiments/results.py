@@ -6,7 +6,9 @@ t-interval ``mean +- t(0.975, n - 1) * std / sqrt(n)``. Paired differences subtr
 variant's metric on the same seed before averaging, which removes the seed-to-seed variation the
 variants share (the same data and batch order for a given seed).
 
-Rows are plain dicts; :func:`to_dataframe` turns them into a pandas DataFrame when pandas is there.
+Every function takes records as :class:`deform_attn.experiments.schema.Record` or as the parsed JSON
+lines (read through ``Record.from_dict``, so any supported schema works). Rows are plain dicts;
+:func:`to_dataframe` turns them into a pandas DataFrame when pandas is there.
 Published results ship in ``deform_attn/experiments/data/<preset>/`` and load with
 :func:`load_published`, also from an installed package (e.g. in Colab).
 """
@@ -20,6 +22,11 @@ from collections import defaultdict
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
+
+from ..provenance import is_dirty_commit
+from .schema import Record, as_record
+
+RecordLike = Record | dict[str, Any]
 
 __all__ = [
     "t_quantile_975",
@@ -73,38 +80,39 @@ def mean_ci(values: Iterable[float]) -> dict[str, float]:
     return {"n": n, "mean": mean, "std": std, "ci95": t_quantile_975(n - 1) * std / math.sqrt(n)}
 
 
-def _metric(record: dict[str, Any], metric: str | None) -> float:
-    return float(record["metrics"][metric or record["primary_metric"]])
+def _records(records: Iterable[RecordLike]) -> list[Record]:
+    return [as_record(record) for record in records]
 
 
-def _group(records: Iterable[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+def _group(records: list[Record]) -> dict[tuple, list[Record]]:
+    groups: dict[tuple, list[Record]] = defaultdict(list)
     for record in records:
-        groups[(record.get("preset"), record["task"], record["variant"], record["config_hash"])].append(record)
-    return groups
+        groups[(record.preset, record.task, record.variant, record.config_hash)].append(record)
+    return dict(sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))))
 
 
-def summarize(records: Iterable[dict[str, Any]], *, metric: str | None = None) -> list[dict[str, Any]]:
+def summarize(records: Iterable[RecordLike], *, metric: str | None = None) -> list[dict[str, Any]]:
     """One row per (preset, task, variant, config): the metric's mean +- 95% CI over seeds."""
     rows = []
-    for (preset, task, variant, chash), group in sorted(_group(records).items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for (preset, task, variant, chash), group in _group(_records(records)).items():
         first = group[0]
-        stats = mean_ci(_metric(r, metric) for r in group)
+        name = metric or first.primary_metric
+        stats = mean_ci(r.metric(metric) for r in group)
         rows.append(
             {
                 "preset": preset,
                 "task": task,
                 "variant": variant,
-                "axis": first.get("axis"),
-                "metric": metric or first["primary_metric"],
+                "axis": first.axis,
+                "metric": name,
                 **stats,
-                "seeds": sorted(r["seed"] for r in group),
-                "baseline": first.get("baseline", {}).get(metric or first["primary_metric"], math.nan),
-                "params": first.get("params"),
-                "train_time_s": sum(r["train_time_s"] for r in group) / len(group),
-                "device": first.get("device"),
-                "torch": first.get("torch"),
-                "git_commit": first.get("git_commit"),
+                "seeds": sorted(r.seed for r in group),
+                "baseline": first.baseline.get(name, math.nan),
+                "params": first.params,
+                "train_time_s": sum(r.train_time_s for r in group) / len(group),
+                "device": first.device,
+                "torch": first.torch,
+                "git_commit": first.git_commit,
                 "config_hash": chash,
             }
         )
@@ -112,44 +120,44 @@ def summarize(records: Iterable[dict[str, Any]], *, metric: str | None = None) -
 
 
 def paired_differences(
-    records: Iterable[dict[str, Any]], *, reference: str = "full", metric: str | None = None
+    records: Iterable[RecordLike], *, reference: str = "full", metric: str | None = None
 ) -> list[dict[str, Any]]:
     """Per (preset, task, variant): mean +- 95% CI of (variant - reference) over the shared seeds.
 
     For an accuracy a positive difference favours the variant; for an MSE a negative one does.
     """
-    records = list(records)
-    reference_by = {
-        (r.get("preset"), r["task"], r["seed"]): r for r in records if r["variant"] == reference
-    }
+    records = _records(records)
+    reference_by = {(r.preset, r.task, r.seed): r for r in records if r.variant == reference}
     rows = []
-    for (preset, task, variant, chash), group in sorted(_group(records).items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for (preset, task, variant, chash), group in _group(records).items():
         if variant == reference:
             continue
-        pairs = [(r, reference_by[(preset, task, r["seed"])]) for r in group if (preset, task, r["seed"]) in reference_by]
+        pairs = [(r, reference_by[(preset, task, r.seed)]) for r in group if (preset, task, r.seed) in reference_by]
         if not pairs:
             continue
-        differences = [_metric(r, metric) - _metric(ref, metric) for r, ref in pairs]
+        differences = [r.metric(metric) - ref.metric(metric) for r, ref in pairs]
         rows.append(
             {
                 "preset": preset,
                 "task": task,
                 "variant": variant,
                 "reference": reference,
-                "metric": metric or group[0]["primary_metric"],
+                "metric": metric or group[0].primary_metric,
                 **mean_ci(differences),
-                "seeds": sorted(r["seed"] for r, _ in pairs),
+                "seeds": sorted(r.seed for r, _ in pairs),
                 "config_hash": chash,
             }
         )
     return rows
 
 
-def sweep_table(records: Iterable[dict[str, Any]], task: str, axis: str, *, metric: str | None = None) -> list[dict[str, Any]]:
+def sweep_table(
+    records: Iterable[RecordLike], task: str, axis: str, *, metric: str | None = None
+) -> list[dict[str, Any]]:
     """The ``axis`` sweep on ``task``: the default deformable point plus every override on that axis."""
-    records = [r for r in records if r["task"] == task and r.get("attention") == "deformable"]
-    chosen = [r for r in records if r.get("axis") == axis or (not r.get("overrides") and r["variant"] == "deformable")]
-    has_sweep = any(r.get("axis") == axis for r in chosen)
+    records = [r for r in _records(records) if r.task == task and r.attention == "deformable"]
+    chosen = [r for r in records if r.axis == axis or (not r.overrides and r.variant == "deformable")]
+    has_sweep = any(r.axis == axis for r in chosen)
     return summarize(chosen, metric=metric) if has_sweep else []
 
 
@@ -177,11 +185,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------------------- plots
 
 
-def plot_task(records: Iterable[dict[str, Any]], task: str, *, ax=None, metric: str | None = None):
+def plot_task(records: Iterable[RecordLike], task: str, *, ax=None, metric: str | None = None):
     """Metric by variant on ``task``: mean with 95% CI bars, seeds as dots, trivial baseline dashed."""
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summarize([r for r in records if r["task"] == task], metric=metric) if r["axis"] is None]
+    rows = [r for r in summarize([r for r in _records(records) if r.task == task], metric=metric) if r["axis"] is None]
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 0.45 * max(len(rows), 2) + 1))
     for i, row in enumerate(rows):
@@ -196,12 +204,12 @@ def plot_task(records: Iterable[dict[str, Any]], task: str, *, ax=None, metric: 
     return ax
 
 
-def plot_sweeps(records: Iterable[dict[str, Any]], task: str, *, metric: str | None = None):
+def plot_sweeps(records: Iterable[RecordLike], task: str, *, metric: str | None = None):
     """One panel per swept axis on ``task``: metric (mean, 95% CI) for each value of the axis."""
     import matplotlib.pyplot as plt
 
-    records = list(records)
-    axes_present = sorted({r["axis"] for r in records if r["task"] == task and r.get("axis")})
+    records = _records(records)
+    axes_present = sorted({r.axis for r in records if r.task == task and r.axis})
     if not axes_present:
         return None
     figure, panels = plt.subplots(1, len(axes_present), figsize=(3.2 * len(axes_present), 3), squeeze=False)
@@ -218,18 +226,18 @@ def plot_sweeps(records: Iterable[dict[str, Any]], task: str, *, metric: str | N
     return figure
 
 
-def plot_all(records: Iterable[dict[str, Any]], directory: str | Path) -> list[Path]:
+def plot_all(records: Iterable[RecordLike], directory: str | Path) -> list[Path]:
     """Write ``<task>.png`` and ``<task>_sweeps.png`` for every task into ``directory``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = list(records)
+    records = _records(records)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for task in sorted({r["task"] for r in records}):
+    for task in sorted({r.task for r in records}):
         ax = plot_task(records, task)
         ax.figure.tight_layout()
         ax.figure.savefig(directory / f"{task}.png", dpi=120)
@@ -262,43 +270,73 @@ def load_published(preset: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The shipped records and meta of ``preset``, through importlib.resources (works when installed).
 
     Returns:
-        (records, meta): the parsed JSON lines and ``meta.json`` (command, date, grid size, ...).
+        (records, meta): the records as dicts of every field of :class:`Record` (fields newer than
+        a record's schema hold their defaults), and ``meta.json`` (command, date, grid size, ...).
     """
     folder = _data_root().joinpath(preset)
     results = folder.joinpath("results.jsonl")
     if not results.is_file():
         raise FileNotFoundError(f"preset: no published results for {preset!r}; available: {published_presets()}")
-    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    lines = [line for line in results.read_text().splitlines() if line.strip()]
+    records = [Record.from_dict(json.loads(line)).to_dict() for line in lines]
     meta_file = folder.joinpath("meta.json")
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     return records, meta
 
 
-def publish(inputs: Iterable[str | Path], preset: str, *, command: str, destination: str | Path | None = None) -> Path:
-    """Merge ``inputs`` into ``<destination or package data>/<preset>/results.jsonl`` and write meta.json."""
+def publish(
+    inputs: Iterable[str | Path],
+    preset: str,
+    *,
+    command: str,
+    destination: str | Path | None = None,
+    allow_dirty: bool = False,
+) -> Path:
+    """Merge ``inputs`` into ``<destination or package data>/<preset>/results.jsonl`` and write meta.json.
+
+    Args:
+        inputs: results files (or folders of them); only records of ``preset`` are published.
+        preset: the preset's name, also the folder's.
+        command: the command that produced the results, stored in meta.json.
+        destination: the folder that receives ``<preset>/`` (default: the package's ``data``).
+        allow_dirty: also publish records whose ``git_commit`` is a modified checkout (``-dirty``)
+            or unknown; by default they are refused, since no commit reproduces them.
+
+    Raises:
+        ValueError: if no record is of ``preset``, or some come from a dirty checkout and
+            ``allow_dirty`` is False. Nothing is written then.
+    """
     from .records import merge_records, read_records
 
-    records = [r for r in read_records(list(inputs)) if r.get("preset") == preset]
+    records = [r for r in _records(read_records(list(inputs))) if r.preset == preset]
     if not records:
         raise ValueError(f"inputs: no records of preset {preset!r}")
+    dirty = sorted({str(r.git_commit) for r in records if is_dirty_commit(r.git_commit)})
+    if dirty and not allow_dirty:
+        count = sum(is_dirty_commit(r.git_commit) for r in records)
+        raise ValueError(
+            f"inputs: {count} of {len(records)} records come from a modified or unknown checkout "
+            f"(git_commit {dirty}); commit, re-run and publish those, or pass --allow-dirty"
+        )
     folder = Path(destination) if destination is not None else Path(__file__).resolve().parent / "data"
     folder = folder / preset
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / "results.jsonl.in"
-    staging.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    staging.write_text("".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in records))
     count = merge_records([staging], folder / "results.jsonl")
     staging.unlink()
     meta = {
         "preset": preset,
         "command": command,
         "records": count,
-        "tasks": sorted({r["task"] for r in records}),
-        "variants": sorted({r["variant"] for r in records}),
-        "seeds": sorted({r["seed"] for r in records}),
-        "devices": sorted({f"{r['device']} ({r.get('device_name')})" for r in records}),
-        "torch": sorted({r["torch"] for r in records}),
-        "git_commits": sorted({str(r.get("git_commit")) for r in records}),
-        "total_run_wall_s": sum(r.get("run_wall_s", 0.0) for r in records),
+        "tasks": sorted({r.task for r in records}),
+        "variants": sorted({r.variant for r in records}),
+        "seeds": sorted({r.seed for r in records}),
+        "devices": sorted({f"{r.device} ({r.device_name})" for r in records}),
+        "torch": sorted({r.torch for r in records}),
+        "git_commits": sorted({str(r.git_commit) for r in records}),
+        "schemas": sorted({r.schema for r in records}),
+        "total_run_wall_s": sum(r.run_wall_s for r in records),
         "published_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -6,7 +6,8 @@ Commands::
     list       print the runs of a preset (or of one shard) without training
     merge      merge result files (e.g. one per shard) into one, dropping duplicates
     summarize  mean +- 95% CI per task and variant, paired differences, optional plots
-    publish    copy merged results and a meta.json into the package's data/<preset>/
+    publish    copy merged results and a meta.json into the package's data/<preset>/ (records from a
+               modified checkout are refused unless --allow-dirty)
 
 Examples::
 
@@ -18,33 +19,39 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "run_grid", "git_commit"]
+from ..provenance import git_commit  # re-exported: runner.git_commit was public before provenance
+
+__all__ = ["main", "run_grid", "check_resumable", "git_commit"]
 
 DEFAULT_RESULTS_DIR = Path("results")
 
 
-def git_commit() -> str | None:
-    """The commit of the checkout the package is imported from, with ``-dirty`` if modified; None if unknown."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "") if commit else None
+def check_resumable(output: Path) -> list[dict[str, Any]]:
+    """The records already in ``output`` (none if it does not exist), if a run may append to it.
+
+    Raises:
+        ValueError: if ``output`` holds records of an older schema: their keys can name runs that
+            now build a different model (see :mod:`deform_attn.experiments.schema`), so resuming
+            would skip runs that were never trained with this code.
+    """
+    from .records import read_records
+    from .schema import SCHEMA_VERSION
+
+    existing = read_records(output, warn=False) if output.exists() else []
+    outdated = sum(record.get("schema") != SCHEMA_VERSION for record in existing)
+    if outdated:
+        raise ValueError(
+            f"--out: {output} holds {outdated} records of an older schema, whose keys may name runs that "
+            f"now build a different model; write schema-{SCHEMA_VERSION} results to a new file"
+        )
+    return existing
 
 
 def _default_output(preset: str, shard_spec: str | None) -> Path:
@@ -61,12 +68,26 @@ def run_grid(
     tasks: list[str] | None = None,
     device: str = "auto",
     progress: bool = True,
+    command: str | None = None,
 ) -> dict[str, int]:
-    """Train every unfinished run of ``preset`` (this shard's part) and append one record per run."""
-    import torch
+    """Train every unfinished run of ``preset`` (this shard's part) and append one record per run.
 
+    Args:
+        preset, shard_spec, seeds, tasks: which runs (see :func:`deform_attn.experiments.grid.build_grid`).
+        output: the results file; runs whose key it already holds are skipped (resume). It must
+            hold records of the current schema only: older records share keys with runs whose
+            models have changed since (see :mod:`deform_attn.experiments.schema`).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
+        progress: show a progress bar.
+        command: the command line stored in every record.
+
+    Returns:
+        Counts: ``grid``, ``skipped``, ``trained`` and ``non_finite`` runs.
+    """
+    from ..provenance import environment as provenance_environment
     from .grid import build_grid, parse_shard, shard
-    from .records import append_record, finished_keys
+    from .records import append_record
+    from .schema import ENVIRONMENT_FIELDS, SCHEMA_VERSION, Record
     from .tasks import make_task
     from .train import resolve_device, train_and_evaluate
 
@@ -74,16 +95,10 @@ def run_grid(
     if shard_spec is not None:
         runs = shard(runs, *parse_shard(shard_spec))
     target = resolve_device(device)
-    done = finished_keys(output) if output.exists() else set()
+    done = {record["key"] for record in check_resumable(output) if "key" in record}
     todo = [run for run in runs if run.key not in done]
-    environment = {
-        "device": str(target),
-        "device_name": torch.cuda.get_device_name(target) if target.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "git_commit": git_commit(),
-    }
+    provenance = provenance_environment(target)
+    environment = {name: provenance[name] for name in ENVIRONMENT_FIELDS}
     iterator: Any = todo
     if progress:
         from tqdm.auto import tqdm
@@ -100,40 +115,41 @@ def run_grid(
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         result = train_and_evaluate(data, run.model, run.train, seed=run.seed, device=target, progress=False)
         primary = "test_mse" if data.kind == "regression" else "test_accuracy"
-        record = {
-            "schema": 1,
-            "key": run.key,
-            "preset": preset,
-            "task": run.task,
-            "task_kind": data.kind,
-            "variant": run.variant,
-            "attention": run.model.attention,
-            "axis": run.axis,
-            "overrides": dict(run.overrides),
-            "config_hash": run.config_hash,
-            "config": run.config,
-            "seed": run.seed,
-            "primary_metric": primary,
-            "higher_is_better": primary != "test_mse",
-            "metrics": result["metrics"],
-            "finite": result["finite"],
-            "baseline": data.baseline,
-            "reference": data.reference,
-            "sequence_length": data.max_length,
-            "num_train": len(data.train),
-            "num_test": len(data.test),
-            "params": result["params"],
-            "train_time_s": result["train_time_s"],
-            "eval_time_s": result["eval_time_s"],
-            "run_wall_s": time.perf_counter() - wall_start,
-            "run_cpu_s": time.process_time() - cpu_start,
-            "amp": result["amp_used"],
+        record = Record(
+            schema=SCHEMA_VERSION,
+            key=run.key,
+            preset=preset,
+            task=run.task,
+            task_kind=data.kind,
+            variant=run.variant,
+            attention=run.model.attention,
+            axis=run.axis,
+            overrides=dict(run.overrides),
+            config_hash=run.config_hash,
+            config=run.config,
+            seed=run.seed,
+            shard=shard_spec,
+            command=command,
+            primary_metric=primary,
+            higher_is_better=primary != "test_mse",
+            metrics=result["metrics"],
+            finite=result["finite"],
+            baseline=data.baseline,
+            reference=data.reference,
+            sequence_length=data.max_length,
+            num_train=len(data.train),
+            num_test=len(data.test),
+            params=result["params"],
+            train_time_s=result["train_time_s"],
+            eval_time_s=result["eval_time_s"],
+            run_wall_s=time.perf_counter() - wall_start,
+            run_cpu_s=time.process_time() - cpu_start,
+            amp=result["amp_used"],
             **environment,
-            "shard": shard_spec,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
         failed += not result["finite"]
-        append_record(output, record)
+        append_record(output, record.to_dict())
     return {"grid": len(runs), "skipped": len(runs) - len(todo), "trained": len(todo), "non_finite": failed}
 
 
@@ -189,6 +205,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     publish = commands.add_parser("publish", help="ship results inside the package as data/<preset>/")
     publish.add_argument("--preset", required=True)
     publish.add_argument("--command", dest="recorded_command", required=True, help="the command that produced the results")
+    publish.add_argument("--allow-dirty", action="store_true",
+                         help="publish records from a modified (or unknown) checkout too")
+    publish.add_argument("--destination", type=Path, default=None,
+                         help="folder to publish into (default: the package's experiments/data)")
     publish.add_argument("inputs", type=Path, nargs="+")
 
     args = parser.parse_args(argv)
@@ -209,6 +229,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             from .train import resolve_device
 
             resolve_device(args.device)
+            args.out = args.out or _default_output(args.preset, args.shard)
+            check_resumable(args.out)
         if getattr(args, "tasks", None) is not None:
             from .grid import build_grid
 
@@ -231,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(runs)} runs", file=sys.stderr)
         return 0
     if args.command == "run":
-        output = args.out or _default_output(args.preset, args.shard)
+        output = args.out
         if args.jobs > 1:
             start = time.perf_counter()
             code = _run_jobs(args, output)
@@ -245,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(threads)
         start = time.perf_counter()
+        command = shlex.join(["python", "-m", "deform_attn.experiments", *(sys.argv[1:] if argv is None else argv)])
         counts = run_grid(args.preset, output, shard_spec=args.shard, seeds=args.seeds, tasks=args.tasks,
-                          device=args.device, progress=not args.quiet)
+                          device=args.device, progress=not args.quiet, command=command)
         print(f"{args.preset}: {counts} in {time.perf_counter() - start:.0f} s -> {output}")
         return 1 if counts["non_finite"] else 0
     if args.command == "merge":
@@ -269,7 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "publish":
         from .results import publish
 
-        print(publish(args.inputs, args.preset, command=args.recorded_command))
+        try:
+            folder = publish(args.inputs, args.preset, command=args.recorded_command,
+                             destination=args.destination, allow_dirty=args.allow_dirty)
+        except ValueError as error:
+            print(f"publish: {error}", file=sys.stderr)
+            return 2
+        print(folder)
         return 0
     raise AssertionError(args.command)
 

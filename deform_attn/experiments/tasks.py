@@ -4,6 +4,15 @@ Every task is offline and deterministic: a generator seeded by the run's seed, o
 installed package ships (``mnist1d`` generates its data set; ``aeon`` ships the OSULeaf files).
 Nothing is downloaded at run time.
 
+Every task is registered in :data:`TASKS` by :func:`register_task`, with its kind and its default
+training budget, so a new task is one function returning :class:`TaskData` and one decorator::
+
+    @register_task("copy", kind="classification", default_train={"steps": 200, "batch_size": 16})
+    def copy_task(*, length: int = 64, seed: int = 0) -> TaskData: ...
+
+:func:`make_task` looks tasks up by name; a preset (:data:`deform_attn.experiments.grid.PRESETS`)
+that gives a task no ``train`` budget (or no ``params``) takes the registered defaults.
+
 Layout of every split: ``x`` is (examples, n) int64 token ids (0 = padding) for token tasks or
 (examples, n, channels) float32 for continuous tasks; ``lengths`` (examples,) counts the real tokens
 (padding sits at the end); ``y`` is int64 class ids or float32 regression targets.
@@ -32,7 +41,10 @@ from torch import Tensor
 __all__ = [
     "Split",
     "TaskData",
+    "TaskSpec",
     "TASKS",
+    "TASK_KINDS",
+    "register_task",
     "make_task",
     "adding_problem",
     "listops",
@@ -96,9 +108,89 @@ def _trivial_baseline(kind: str, y_train: Tensor, y_test: Tensor) -> dict[str, f
     return {"test_accuracy": float((y_test == majority).float().mean())}
 
 
+# ---------------------------------------------------------------------------- the registry
+
+TASK_KINDS: tuple[str, ...] = ("classification", "regression")
+TaskBuilder = Callable[..., TaskData]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task.
+
+    Attributes:
+        name: the task's name in presets and records.
+        build: keyword parameters and ``seed`` -> :class:`TaskData`.
+        kind: ``"classification"`` or ``"regression"``; the built data must agree.
+        default_train: :class:`deform_attn.experiments.train.TrainConfig` arguments for a preset
+            that gives this task none (the budget the ``cpu`` preset uses).
+        default_params: keyword parameters for a preset that gives none.
+    """
+
+    name: str
+    build: TaskBuilder
+    kind: str
+    default_train: dict[str, Any]
+    default_params: dict[str, Any] = field(default_factory=dict)
+
+
+TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(
+    name: str,
+    *,
+    kind: str,
+    default_train: dict[str, Any],
+    default_params: dict[str, Any] | None = None,
+) -> Callable[[TaskBuilder], TaskBuilder]:
+    """Decorator: register the function it wraps as task ``name``.
+
+    The function takes keyword parameters and ``seed`` and returns :class:`TaskData`. Stacking the
+    decorator registers one function under several names (``mnist1d`` and ``mnist1d_long``).
+
+    Args:
+        name: a new task name (a registered name is refused).
+        kind: ``"classification"`` or ``"regression"``.
+        default_train: the default training budget (``TrainConfig`` keyword arguments).
+        default_params: the default task parameters (default: none, the function's own defaults).
+
+    Returns:
+        The decorator; it returns the function unchanged.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name: expected an identifier such as 'adding', got {name!r}")
+    if name in TASKS:
+        raise ValueError(f"name: task {name!r} is already registered")
+    if kind not in TASK_KINDS:
+        raise ValueError(f"kind: expected one of {TASK_KINDS}, got {kind!r}")
+    if not isinstance(default_train, dict):
+        raise ValueError(f"default_train: expected a dict of TrainConfig arguments, got {default_train!r}")
+
+    def register(build: TaskBuilder) -> TaskBuilder:
+        TASKS[name] = TaskSpec(name, build, kind, dict(default_train), dict(default_params or {}))
+        return build
+
+    return register
+
+
+def make_task(name: str, params: dict[str, Any] | None, seed: int) -> TaskData:
+    """Build task ``name`` with keyword ``params`` (``None``: its registered defaults) for ``seed``."""
+    if name not in TASKS:
+        raise ValueError(f"task: expected one of {sorted(TASKS)}, got {name!r}")
+    spec = TASKS[name]
+    data = spec.build(**(spec.default_params if params is None else params), seed=seed)
+    if data.kind != spec.kind:
+        raise RuntimeError(f"task {name!r}: registered as {spec.kind}, but its data is {data.kind}")
+    data.name = name
+    return data
+
+
 # ---------------------------------------------------------------------------- adding problem
 
 
+# 300 steps left every variant at the trivial MSE on 200 tokens: the adding problem needs a longer budget
+@register_task("adding", kind="regression", default_train={"steps": 1000, "batch_size": 16, "warmup": 100})
 def adding_problem(*, length: int = 200, num_train: int = 10_000, num_test: int = 2_000, seed: int = 0) -> TaskData:
     """The adding problem (Hochreiter & Schmidhuber 1997): sum the two marked values.
 
@@ -223,6 +315,7 @@ def listops_evaluate(tokens: list[str]) -> int:
     return result
 
 
+@register_task("listops", kind="classification", default_train={"steps": 300, "batch_size": 16, "warmup": 30})
 def listops(
     *,
     min_length: int = 500,
@@ -299,6 +392,13 @@ def _mnist1d_published() -> dict[str, np.ndarray]:
     return {k: data[k] for k in ("x", "y", "x_test", "y_test")}
 
 
+@register_task(
+    "mnist1d_long",
+    kind="classification",
+    default_train={"steps": 300, "batch_size": 16, "warmup": 30},
+    default_params={"upsample": 2, "frame": 160},
+)
+@register_task("mnist1d", kind="classification", default_train={"steps": 500, "batch_size": 32, "warmup": 50})
 def mnist1d(*, upsample: int = 1, frame: int | None = None, seed: int = 0) -> TaskData:
     """MNIST-1D (Greydanus 2020), generated by the ``mnist1d`` package with its default arguments.
 
@@ -364,6 +464,7 @@ def osuleaf_path(split: str) -> Path:
     return path
 
 
+@register_task("osuleaf", kind="classification", default_train={"steps": 150, "batch_size": 16, "warmup": 15})
 def osuleaf(*, seed: int = 0) -> TaskData:
     """OSULeaf from the UCR archive: 200 training and 242 test leaf outlines of length 427, 6 classes.
 
@@ -397,21 +498,3 @@ def osuleaf(*, seed: int = 0) -> TaskData:
         baseline=_trivial_baseline("classification", train.y, test.y),
         reference={"dtw_1nn_accuracy": 0.612, "rocket_accuracy": 0.941, "inceptiontime_accuracy": 0.942},
     )
-
-
-TASKS: dict[str, Callable[..., TaskData]] = {
-    "adding": adding_problem,
-    "listops": listops,
-    "mnist1d": mnist1d,
-    "mnist1d_long": mnist1d,
-    "osuleaf": osuleaf,
-}
-
-
-def make_task(name: str, params: dict[str, Any], seed: int) -> TaskData:
-    """Build task ``name`` with keyword ``params`` for ``seed``."""
-    if name not in TASKS:
-        raise ValueError(f"task: expected one of {sorted(TASKS)}, got {name!r}")
-    data = TASKS[name](**params, seed=seed)
-    data.name = name
-    return data
