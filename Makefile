@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch
-	$(BIN)/python -m pip install -q -e ".[test,book,bench,experiments]"
+	$(BIN)/python -m pip install -q -e ".[test,book,bench,experiments,export]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -193,13 +193,14 @@ class DeformableAttention1D(nn.Module):
         """The position bias as the kernels take it: the table (in ``dtype``), the MLP, or ``None``."""
         if self.position_bias is None:
             return None
-        if self.implementation.position_bias == "mlp":
+        if torch.compiler.is_exporting():  # the exported program always evaluates the frozen table
+            if self.position_bias.frozen_table is None:
+                raise RuntimeError(
+                    "torch.export: the position bias's table has a data-dependent number of kinks; call "
+                    "layer.position_bias.freeze() first, or export with deform_attn.export.export_layer"
+                )
+        elif self.implementation.position_bias == "mlp":
             return self.position_bias.reference_bias
-        if torch.compiler.is_exporting() and self.position_bias.frozen_table is None:
-            raise RuntimeError(
-                "torch.export: the position bias's table has a data-dependent number of kinks; call "
-                "layer.position_bias.freeze() first, or export with deform_attn.export.export_layer"
-            )
         return self.position_bias.table(dtype)
 
     def attention_plan(self, q: Tensor, *, cells: int, bias: PiecewiseLinearTable | Any | None) -> KernelPlan:

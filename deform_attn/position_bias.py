@@ -54,7 +54,7 @@ def signed_log_distance(distance: Tensor) -> Tensor:
 
 def signed_log_distance_inverse(t: Tensor) -> Tensor:
     r"""The distance whose signed log is ``t``: :math:`d = \operatorname{sign}(t)(e^{|t|} - 1)`."""
-    return torch.expm1(t.abs()).copysign(t)
+    return torch.expm1(t.abs()) * torch.sign(t)  # not copysign: ONNX has no signbit
 
 
 def signed_log_distance_derivative(distance: Tensor) -> Tensor:

@@ -25,6 +25,8 @@ from .piecewise import kink_crossings, piecewise_biased_attention
 from .plan import (
     EXPORT_QUERY_CHUNK,
     KERNELS,
+    PIECEWISE_LENGTH_PER_KINK,
+    PIECEWISE_MIN_LENGTH,
     POSITION_BIAS_EVALUATIONS,
     SAMPLERS,
     Implementation,
@@ -51,6 +53,8 @@ __all__ = [
     "POSITION_BIAS_EVALUATIONS",
     "SAMPLERS",
     "EXPORT_QUERY_CHUNK",
+    "PIECEWISE_MIN_LENGTH",
+    "PIECEWISE_LENGTH_PER_KINK",
 ]
 
 
@@ -95,9 +99,11 @@ def biased_attention(
             key_padding=key_padding,
         )
     if plan.kernel == "scan":
+        if position_bias is not None and table is None:
+            raise ValueError("position_bias: the scan kernel takes the bias as a PiecewiseLinearTable")
         return scan_biased_attention(
             q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,
-            query_grid=coordinates.grid, position_bias=position_bias, log_distance=log_distance, scale=scale,
+            query_grid=coordinates.grid, table=table, log_distance=log_distance, scale=scale,
             chunk=plan.chunk, key_padding=key_padding,
         )
     if plan.kernel != "sdpa":

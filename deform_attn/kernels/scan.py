@@ -14,8 +14,10 @@ This kernel is written for tracing instead:
   number of crossings at or before :math:`i`: a scatter-add of ones at the crossings and a
   cumulative sum along the chunk's queries.
 
-It computes the same function as the other kernels (tested against them) and has no backward of
-its own; it is meant for inference.
+It computes the same function as the other kernels (tested against them) and is meant for
+inference. Everything shaped is prepared outside the scan: its body reads no tensor sizes and
+reshapes nothing, which is what lets ``torch.export`` trace it and ONNX's exporter convert it
+with a dynamic batch and length.
 
 Axis letters: b batch, g offset groups, o heads per group (h = g o), n queries, c queries of one
 chunk, s chunks, m keys, k kinks, d channels per head.
@@ -30,37 +32,51 @@ from torch._higher_order_ops.scan import scan
 
 from ..geometry import QueryGrid
 from ..position_bias import PiecewiseLinearTable, signed_log_distance
-from .piecewise import kink_crossings
-from .sdpa import BiasFunction, padding_bias
+from ..position_bias import inverse_transform_distance
+from .sdpa import padding_bias
 
 __all__ = ["scan_biased_attention", "table_bias_from_crossings"]
 
 
+def _kink_crossings(key_coordinates: Tensor, kinks: Tensor, query_grid: QueryGrid, log_distance: bool) -> Tensor:
+    """(..., m, k) int64 first query index past each kink, clamped to ``[0, 2**31]``.
+
+    :func:`deform_attn.kernels.kink_crossings` without its clamp to the sequence length: a
+    traced program must not turn the symbolic length into a float. Crossings beyond the
+    sequence land in no chunk, which is all the scan needs.
+    """
+    thresholds = inverse_transform_distance(kinks.to(torch.float64), log_distance)  # (k,)
+    # u_i - w_j > D_k  <=>  i > (w_j + D_k - c) / a
+    boundary = (key_coordinates.to(torch.float64)[..., None] + (thresholds - query_grid.origin)) / query_grid.step
+    return (boundary.clamp(-1.0, 2.0**31).floor() + 1).to(torch.int64)
+
+
 def table_bias_from_crossings(
-    crossings: Tensor, first_query: Tensor, t: Tensor, table: PiecewiseLinearTable
+    crossings: Tensor, first_query: Tensor, t: Tensor, row_table: Tensor, chunk: int
 ) -> Tensor:
     """The piecewise-linear bias of the pairs of one chunk, from the keys' kink crossings.
 
+    Written without reading any tensor's size, so that it traces inside a scan body.
+
     Args:
-        crossings: (rows, m, k) int64 first query index past each kink (see
-            :func:`deform_attn.kernels.kink_crossings`).
-        first_query: () int64 index of the chunk's first query.
-        t: (rows, m, c) the bias's input for each pair of the chunk.
-        table: kinks (k,), slopes and intercepts (k + 1, o).
+        crossings: (rows, m, k) int64 first query index past each kink, 0 or more (as
+            :func:`deform_attn.kernels.kink_crossings`, unclamped above).
+        first_query: (1,) int64 index of the chunk's first query.
+        t: (rows, m, c) the bias's input for each pair of the chunk, ``c = chunk``.
+        row_table: (rows, k + 1, 2) each row's slope and intercept on each interval.
+        chunk: queries per chunk.
 
     Returns:
-        (rows, m, c, o) biases.
+        (rows, m, c) biases.
     """
-    rows, cells, width = t.shape
-    # column of each crossing inside the chunk; 0: passed before it starts, width: not yet passed
-    column = (crossings - first_query).clamp(0, width)
-    counts = torch.zeros(rows, cells, width + 1, dtype=t.dtype, device=t.device)
-    counts = counts.scatter_add(2, column, torch.ones_like(column, dtype=t.dtype))
-    interval = counts.cumsum(2)[:, :, :width].to(torch.int64).reshape(-1)  # (rows m c,)
-    outputs = table.slopes.shape[1]
-    slopes = table.slopes.to(t.dtype).index_select(0, interval).view(rows, cells, width, outputs)
-    intercepts = table.intercepts.to(t.dtype).index_select(0, interval).view(rows, cells, width, outputs)
-    return slopes * t[..., None] + intercepts
+    # column of each crossing inside the chunk; 0: passed before it starts, chunk: not yet passed
+    column = (crossings - first_query).clamp(0, chunk)
+    counts = F.pad(torch.zeros_like(t), (0, 1)).scatter_add(-1, column, torch.ones_like(column, dtype=t.dtype))
+    interval = counts.cumsum(-1)[..., :chunk].to(torch.int64)  # (rows, m, c): kinks passed
+    # shape: (rows, m, c) -> (rows, m c): one gather per row from its own table
+    pieces = torch.gather(row_table, 1, interval.flatten(1, 2)[..., None].expand(-1, -1, 2))  # (rows, m c, 2)
+    pieces = pieces.unflatten(1, (-1, chunk))  # (rows, m, c, 2)
+    return pieces[..., 0] * t + pieces[..., 1]
 
 
 def scan_biased_attention(
@@ -71,7 +87,7 @@ def scan_biased_attention(
     query_coordinates: Tensor,
     key_coordinates: Tensor,
     query_grid: QueryGrid,
-    position_bias: PiecewiseLinearTable | BiasFunction | None,
+    table: PiecewiseLinearTable | None,
     log_distance: bool,
     scale: float,
     chunk: int,
@@ -85,10 +101,9 @@ def scan_biased_attention(
         query_coordinates: (n,) query coordinates :math:`u_i`, on ``query_grid``.
         key_coordinates: (b g, m) key coordinates :math:`w_j` per offset group.
         query_grid: :class:`deform_attn.geometry.QueryGrid` of the queries.
-        position_bias: a :class:`PiecewiseLinearTable` (evaluated from the kink crossings), a
-            function from distances (b g, c, m) to biases (b g, c, m, o) (e.g. the CPB's MLP), or
-            ``None``.
-        log_distance: the table's input is ``sign(d) log(1 + |d|)`` (tables only).
+        table: the position bias as a :class:`PiecewiseLinearTable` with ``o = h / g`` outputs
+            (evaluated from the kink crossings), or ``None`` for no bias.
+        log_distance: the table's input is ``sign(d) log(1 + |d|)``.
         scale: factor on ``q k^T``.
         chunk: queries per scan step.
         key_padding: optional (b, m) bool, True where a key does not exist.
@@ -97,40 +112,47 @@ def scan_biased_attention(
         (b, h, n, d).
     """
     batch, heads, length, channels = q.shape
+    groups = key_coordinates.shape[0] // batch
     padded_length = (length + chunk - 1) // chunk * chunk
-    steps = padded_length // chunk
-    # the padded queries continue the grid; their outputs are dropped at the end
-    index = torch.arange(padded_length, device=q.device)
-    coordinates = torch.cat([query_coordinates, (index[length:] * query_grid.step + query_grid.origin).to(query_coordinates.dtype)])
-    # shape: (b, h, n, d) -> (s, b, h, c, d): the scan walks the leading axis
-    q_steps = F.pad(q, (0, 0, 0, padded_length - length)).view(batch, heads, steps, chunk, channels).permute(2, 0, 1, 3, 4)
-    coordinate_steps = coordinates.view(steps, chunk)
-    first_queries = index.view(steps, chunk)[:, 0]
-    table = position_bias if isinstance(position_bias, PiecewiseLinearTable) else None
-    crossings = None
+    # The padded queries repeat the last one; their outputs are dropped at the end. Gathering
+    # (rather than padding) keeps the pad's size out of every tensor shape: a traced program
+    # would otherwise specialise on a pad of 0 or 1.
+    source = torch.arange(padded_length, device=q.device).clamp(max=length - 1)
+    # shape: (b, h, n, d) -> (s, c, b h, d): the scan walks the leading axis; batch and heads
+    # travel as one axis of "rows", so the body's products are plain batched matrix products
+    q_steps = q.flatten(0, 1).transpose(0, 1).index_select(0, source).unflatten(0, (-1, chunk))
+    k_rows, v_rows = k.flatten(0, 1), v.flatten(0, 1)  # (b h, m, d)
+    coordinate_steps = query_coordinates.index_select(0, source).unflatten(0, (-1, chunk))  # (s, c)
+    # (s, 1), not (s,): each step then sees a (1,) tensor, which ONNX's scan handles
+    first_queries = torch.arange(0, padded_length, chunk, device=q.device)[:, None]
+    # head = group * heads_per_group + o: each head's row of key coordinates, crossings and table
+    head_group = torch.arange(heads, device=q.device) // (heads // groups)  # (h,)
+    row_coordinates = key_coordinates.unflatten(0, (batch, groups))[:, head_group].flatten(0, 1)  # (b h, m)
+    crossings = row_table = None
     if table is not None:
-        crossings = kink_crossings(key_coordinates, table.kinks, padded_length, query_grid, log_distance).to(torch.int64)
-    padding = None if key_padding is None else padding_bias(key_padding, q.dtype)
+        crossings = _kink_crossings(row_coordinates, table.kinks, query_grid, log_distance)  # (b h, m, k)
+        head_output = torch.arange(heads, device=q.device) % (heads // groups)  # (h,)
+        pieces = torch.stack([table.slopes, table.intercepts], -1).to(q.dtype)  # (k + 1, o, 2)
+        row_table = pieces[:, head_output].transpose(0, 1).repeat(batch, 1, 1)  # (b h, k + 1, 2)
+    padding = None
+    if key_padding is not None:  # (b, 1, 1, m) -> (b h, 1, m)
+        padding = padding_bias(key_padding, q.dtype).expand(-1, heads, -1, -1).flatten(0, 1)
 
     def attend(carry: Tensor, step: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        q_chunk, u_chunk, first_query = step  # (b, h, c, d), (c,), ()
-        bias = None
-        if position_bias is not None:
-            distances = u_chunk[None, None, :] - key_coordinates[:, :, None]  # (b g, m, c)
-            if table is not None:
-                t = signed_log_distance(distances) if log_distance else distances
-                pair_bias = table_bias_from_crossings(crossings, first_query, t, table)  # (b g, m, c, o)
-            else:
-                pair_bias = position_bias(distances.transpose(1, 2)).transpose(1, 2)
-            # shape: (b g, m, c, o) -> (b, g o, c, m): head = group * heads_per_group + o. Sizes come
-            # from the step's own tensors: the traced scan body cannot capture outer symbolic sizes.
-            bias = pair_bias.unflatten(0, (q_chunk.shape[0], -1)).permute(0, 1, 4, 3, 2).flatten(1, 2).to(q_chunk.dtype)
+        q_chunk, u_chunk, first_query = step  # (c, b h, d), (c,), (1,)
+        scores = torch.matmul(q_chunk.transpose(0, 1) * scale, k_rows.transpose(1, 2))  # (b h, c, m)
+        if table is not None:
+            distances = u_chunk - row_coordinates[..., None]  # (b h, m, c)
+            t = signed_log_distance(distances) if log_distance else distances
+            bias = table_bias_from_crossings(crossings, first_query, t, row_table, chunk)  # (b h, m, c)
+            scores = scores + bias.transpose(1, 2)
         if padding is not None:
-            bias = padding if bias is None else bias + padding
-        out = F.scaled_dot_product_attention(q_chunk, k, v, attn_mask=bias, scale=scale)
-        return carry.clone(), out  # a scan body may not return its input itself
+            scores = scores + padding
+        # softmax(q k^T * scale + bias) v spelled out: ONNX's SDPA decomposition fails in a scan body
+        out = torch.matmul(scores.softmax(-1), v_rows)  # (b h, c, d)
+        # a scan body may not return its input itself, hence the clone
+        return carry.clone(), out.transpose(0, 1)  # (c, b h, d)
 
     _, out_steps = scan(attend, q.new_zeros(()), (q_steps, coordinate_steps, first_queries))
-    # shape: (s, b, h, c, d) -> (b, h, n, d)
-    out = out_steps.permute(1, 2, 0, 3, 4).reshape(batch, heads, padded_length, channels)
-    return out[:, :, :length]
+    # shape: (s, c, b h, d) -> (n, b h, d) -> (b, h, n, d)
+    return out_steps.flatten(0, 1)[:length].transpose(0, 1).unflatten(0, (batch, heads))
