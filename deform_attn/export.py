@@ -17,7 +17,9 @@ of its own). A key-padding mask is not part of the exported signature.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -54,6 +56,21 @@ def _check_layer(layer: Any) -> None:
         raise TypeError(f"layer: expected a deform_attn.DeformableAttention1D, got {type(layer).__name__}")
     if layer.training:
         raise ValueError("layer: export a layer in eval mode (call layer.eval() first); the program is for inference")
+
+
+@contextmanager
+def _quiet_onnx_exporter() -> Iterator[None]:
+    """Silence the exporter's notes that concern torch itself (torchvision ops it skips, its own
+    deprecations), which say nothing about this model."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def _no_size_one_specialization():
@@ -143,7 +160,8 @@ def export_onnx(
         The ``torch.onnx.ONNXProgram``; run the saved file with ``onnxruntime``.
     """
     exported = export_layer(layer, example, min_length=min_length, max_length=max_length)
-    program = torch.onnx.export(exported, dynamo=True, verbose=False)
+    with _quiet_onnx_exporter():
+        program = torch.onnx.export(exported, dynamo=True, verbose=False)
     if path is not None:
         program.save(os.fspath(path))
     return program
