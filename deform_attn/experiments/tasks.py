@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import check_new_name
+
 __all__ = [
     "Split",
     "TaskData",
@@ -158,10 +160,7 @@ def register_task(
     Returns:
         The decorator; it returns the function unchanged.
     """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"name: expected an identifier such as 'adding', got {name!r}")
-    if name in TASKS:
-        raise ValueError(f"name: task {name!r} is already registered")
+    check_new_name(name, TASKS, "task", "adding")
     if kind not in TASK_KINDS:
         raise ValueError(f"kind: expected one of {TASK_KINDS}, got {kind!r}")
     if not isinstance(default_train, dict):

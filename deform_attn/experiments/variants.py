@@ -40,6 +40,7 @@ from ..baselines import FullAttention1D
 from ..geometry import normalize_positions
 from ..kernels import Implementation
 from ..offsets import ZeroOffsets, default_offset_kernel_size
+from .config import check_new_name
 
 if TYPE_CHECKING:
     from .models import ModelConfig
@@ -86,10 +87,7 @@ def register_variant(name: str) -> Callable[[VariantBuilder], VariantBuilder]:
     Returns:
         The decorator; it returns the builder unchanged.
     """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"name: expected an identifier such as 'deformable', got {name!r}")
-    if name in ATTENTION_VARIANTS:
-        raise ValueError(f"name: attention variant {name!r} is already registered")
+    check_new_name(name, ATTENTION_VARIANTS, "attention variant", "deformable")
 
     def register(build: VariantBuilder) -> VariantBuilder:
         description = (build.__doc__ or name).strip().splitlines()[0]
