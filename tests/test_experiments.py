@@ -23,6 +23,8 @@ from torch import nn
 
 from deform_attn import provenance
 from deform_attn.experiments import grid, models, records, results, schema, tasks, variants
+from deform_attn.experiments import train as train_module
+from deform_attn.experiments.models import ModelConfig
 from deform_attn.experiments.train import TrainConfig
 from deform_attn.geometry import normalize_positions
 from deform_attn.offsets import ZeroOffsets, default_offset_kernel_size
@@ -192,7 +194,8 @@ def test_a_new_task_is_one_function_and_one_registration(registries, monkeypatch
     assert counts == {"grid": 6, "skipped": 0, "trained": 6, "non_finite": 0}
     written = [schema.Record.from_dict(r) for r in records.read_records(tmp_path / "parity.jsonl")]
     assert sorted(r.key for r in written) == sorted(r.key for r in runs)
-    assert all(r.task_kind == "classification" and 0 <= r.metric() <= 1 and r.num_train == 32 for r in written)
+    assert all(r.task_kind == "classification" and 0 <= r.metric() <= 1 for r in written)
+    assert all(r.num_train + r.num_validation == 32 and r.num_validation == 4 for r in written)  # fold 0 of 10
 
 
 def test_task_registration_is_validated(registries):
@@ -215,11 +218,19 @@ def test_existing_tasks_keep_their_data_and_budgets():
     assert tasks.TASKS["adding"].default_train == {"steps": 1000, "batch_size": 16, "warmup": 100}
 
 
-def test_published_results_name_exactly_the_runs_of_their_preset():
-    """Presets (and the task budgets they take) still define the runs whose results ship."""
+def test_published_records_are_consistent_with_their_own_configs():
+    """Every shipped record's key is its task, variant, the hash of its stored config and its seed.
+
+    The shipped records predate the validation protocol (schema 1), so today's presets no longer
+    build their keys; each record still names exactly the settings it ran with.
+    """
     for preset in results.published_presets():
         published, _ = results.load_published(preset)
-        assert {r["key"] for r in published} == {r.key for r in grid.build_grid(preset)}, preset
+        assert published, preset
+        for record in published:
+            parsed = schema.Record.from_dict(record)
+            assert parsed.config_hash == grid.config_hash(parsed.config)
+            assert parsed.key == f"{parsed.task}/{parsed.variant}/{parsed.config_hash}/{parsed.seed}"
 
 
 # ---------------------------------------------------------------------------- the <= 0.0.18 bug
@@ -483,7 +494,11 @@ def test_runner_micro_grid_records_and_resume(tmp_path):
     parsed = schema.Record.from_dict(record)
     assert parsed.schema == schema.SCHEMA_VERSION == 2 and parsed.to_dict() == record
     assert parsed.command == f"python -m deform_attn.experiments run --preset micro --out {out} --quiet"
-    assert parsed.git_commit == provenance.git_commit() and parsed.learning_curve == [] and parsed.train_flops is None
+    assert parsed.git_commit == provenance.git_commit() and parsed.train_flops > 0
+    # the default 10 curve points, capped by the 3 steps of the micro budget
+    assert [point["step"] for point in parsed.learning_curve] == [1, 2, 3]
+    assert all("validation_mse" in point and point["cpu_s"] >= 0 for point in parsed.learning_curve)
+    assert len(parsed.test_outcomes) == parsed.num_test and parsed.validation_metrics["validation_mse"] >= 0
     assert parsed.torch == torch.__version__ and parsed.threads == torch.get_num_threads()
     assert main(["run", "--preset", "micro", "--out", str(out), "--quiet"]) == 0  # nothing left to do
     assert out.read_text().splitlines() == lines
@@ -679,3 +694,73 @@ def test_smoke_preset_runs_end_to_end_and_summarizes(tmp_path):
     assert {(row["task"], row["variant"]) for row in table} >= {
         (task, variant) for task in ("adding", "mnist1d") for variant in grid.MAIN_VARIANTS
     }
+
+
+# ---------------------------------------------------------------------------- the validation protocol
+
+
+def test_validation_folds_partition_the_training_split_the_same_way_for_every_seed():
+    data = tasks.make_task("adding", {"length": 16, "num_train": 53, "num_test": 8}, seed=0)
+    other_seed = tasks.make_task("adding", {"length": 16, "num_train": 53, "num_test": 8}, seed=1)
+    held_out = []
+    for fold in range(5):
+        kept, validation = train_module.validation_split(data.train, 5, fold)
+        assert len(kept) + len(validation) == 53
+        # the fold holds the same example positions whatever the data
+        _, other = train_module.validation_split(other_seed.train, 5, fold)
+        assert len(other) == len(validation)
+        rows = {tuple(row.flatten().tolist()) for row in validation.x}
+        assert not rows & {tuple(row.flatten().tolist()) for row in kept.x}
+        held_out.append(rows)
+    assert sum(len(rows) for rows in held_out) == 53  # the folds partition the split
+    kept, none = train_module.validation_split(data.train, 0, 0)
+    assert none is None and kept is data.train
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"validation_folds": 1}, r"^validation_folds: expected 0"),
+        ({"validation_folds": 4, "validation_fold": 4}, r"^validation_fold: expected 0 <= fold < validation_folds \(4\)"),
+        ({"curve_points": -1}, r"^curve_points: expected a non-negative integer"),
+        ({"input_noise": -0.1}, r"^input_noise: expected a non-negative"),
+        ({"steps": 0}, r"^steps: expected a positive integer"),
+    ],
+)
+def test_train_config_rejects_bad_protocol_settings(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**options)
+
+
+def test_a_run_records_its_curve_outcomes_and_cost_reproducibly():
+    data = tasks.make_task("adding", {"length": 32, "num_train": 96, "num_test": 24}, seed=0)
+    model = ModelConfig(dim=16, depth=1, heads=2, dim_head=8, mlp_ratio=1)
+    train = TrainConfig(steps=6, batch_size=8, warmup=1, curve_points=3, input_noise=0.05)
+    first = train_module.train_and_evaluate(data, model, train, seed=3, device=torch.device("cpu"))
+    again = train_module.train_and_evaluate(data, model, train, seed=3, device=torch.device("cpu"))
+    assert first["metrics"] == again["metrics"] and first["test_outcomes"] == again["test_outcomes"]
+    assert [point["step"] for point in first["learning_curve"]] == [2, 4, 6]
+    cpu = [point["cpu_s"] for point in first["learning_curve"]]
+    assert cpu == sorted(cpu) and cpu[-1] <= first["train_cpu_s"] + 1e-9
+    # the outcomes are the per-example squared errors whose mean is the metric
+    assert len(first["test_outcomes"]) == 24
+    assert sum(first["test_outcomes"]) / 24 == pytest.approx(first["metrics"]["test_mse"], rel=1e-9)
+    assert first["validation"] == {k: v for k, v in first["learning_curve"][-1].items() if k.startswith("validation_")}
+    assert first["num_train"] + first["num_validation"] == 96
+    assert first["train_flops"] > 0
+
+
+def test_training_flops_grow_with_steps_and_full_attention_costs_more_on_long_sequences():
+    data = tasks.make_task("adding", {"length": 256, "num_train": 32, "num_test": 8}, seed=0)
+    cpu = torch.device("cpu")
+    config = TrainConfig(steps=2, batch_size=4, warmup=1, curve_points=0)
+    flops = {}
+    for attention in ("deformable", "full"):
+        model = ModelConfig(attention=attention, dim=16, depth=1, heads=2, dim_head=8, mlp_ratio=1)
+        flops[attention] = train_module.train_and_evaluate(data, model, config, seed=0, device=cpu)["train_flops"]
+    doubled = train_module.train_and_evaluate(
+        data, ModelConfig(dim=16, depth=1, heads=2, dim_head=8, mlp_ratio=1), TrainConfig(steps=4, batch_size=4, warmup=1, curve_points=0),
+        seed=0, device=cpu,
+    )["train_flops"]
+    assert doubled == pytest.approx(2 * flops["deformable"])
+    assert flops["full"] > flops["deformable"]

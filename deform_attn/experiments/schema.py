@@ -9,9 +9,11 @@ Schema versions (the ``schema`` field):
 * 1: the records published before the variant registry (``data/*/results.jsonl``). Their
   ``downsampled`` runs count the unused offset network in ``params``, ``offset_kernel_size=None``
   meant ``r + 2``, and ``position_bias=none`` changed the initialisation of later weights.
-* 2: adds ``command``, ``learning_curve``, ``train_flops`` and the provenance fields ``cpu_model``,
+* 2: adds ``command``, ``learning_curve``, ``validation_metrics``, ``test_outcomes``,
+  ``num_validation``, ``train_cpu_s``, ``train_flops`` and the provenance fields ``cpu_model``,
   ``cpu_count``, ``cuda``, ``platform`` and ``deform_attn``. Reading a schema-1 record fills them
-  with ``None`` (or an empty list).
+  with ``None`` (or an empty list). From schema 2 a validation fold is carved from the training
+  split (``TrainConfig.validation_folds``), so ``num_train`` counts the examples trained on.
 """
 
 from __future__ import annotations
@@ -54,20 +56,27 @@ class Record:
         higher_is_better: its direction.
         metrics: test metrics after the last step, and ``final_train_loss``.
         finite: whether every metric is finite.
-        learning_curve: ``[{"step": int, <metric>: float, ...}, ...]``, oldest first (empty until
-            the runner records curves).
+        learning_curve: ``[{"step", "train_loss", "cpu_s", "wall_s", "validation_<metric>"...}]``,
+            oldest first: the validation fold's metrics along the run, with the training CPU and
+            wall seconds spent up to that step (empty in schema 1).
+        validation_metrics: the validation fold's metrics after the last step (``None`` in
+            schema 1; empty without a validation fold).
+        test_outcomes: each test example's outcome in the test split's order, 1.0/0.0 for
+            correct/wrong or the squared error (``None`` in schema 1); pairs examples across
+            variants and seeds for the hierarchical bootstrap.
         baseline: the trivial predictor's metric on the test split.
         reference: published numbers on the task.
 
     Size and cost:
         sequence_length: the longest sequence, tokens.
-        num_train, num_test: examples per split.
+        num_train, num_validation, num_test: examples trained on, held out for validation, tested.
         params: trainable parameters.
         train_time_s, eval_time_s, run_wall_s: wall-clock seconds of training, of the test pass,
             and of the whole run including building the model.
         run_cpu_s: CPU seconds of the run's process (all threads).
-        train_flops: estimated floating-point operations of training, or ``None`` where not
-            estimated.
+        train_cpu_s: CPU seconds of the training steps alone (``None`` in schema 1).
+        train_flops: estimated floating-point operations of training (matrix products,
+            convolutions and attention of one counted step, times the steps), ``None`` in schema 1.
         amp: ``"bf16"`` if autocast was used, else ``"none"``.
 
     Where it ran (:func:`deform_attn.provenance.environment`, same key names):
@@ -119,6 +128,10 @@ class Record:
     # schema 2
     command: str | None = None
     learning_curve: list[dict[str, float]] = field(default_factory=list)
+    validation_metrics: dict[str, float] | None = None
+    test_outcomes: list[float] | None = None
+    num_validation: int | None = None
+    train_cpu_s: float | None = None
     train_flops: float | None = None
     cpu_model: str | None = None
     cpu_count: int | None = None

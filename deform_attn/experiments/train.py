@@ -1,4 +1,10 @@
-"""Training and evaluation of one run: a fixed step budget, AdamW, warmup + cosine, final test metric."""
+"""Training and evaluation of one run: a fixed step budget, AdamW, warmup + cosine, final test metric.
+
+Protocol: a validation fold is carved from the training split (:func:`validation_split`); the model
+trains on the rest for the whole budget, the validation metric is recorded along the way (the
+learning curve, for choosing recipes and for the compute view), and the test split is evaluated
+once, after the last step. Nothing is ever selected on the test split.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RecordedConfig
 from .models import ModelConfig, build_model, count_parameters
 from .tasks import Split, TaskData
 
-__all__ = ["TrainConfig", "train_and_evaluate", "resolve_device"]
+__all__ = ["TrainConfig", "train_and_evaluate", "resolve_device", "validation_split", "evaluate"]
+
+# examples whose fold is drawn by this fixed generator, so every seed and variant share the fold
+_FOLD_SEED = 0x5EED
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,12 @@ class TrainConfig(RecordedConfig):
         grad_clip: global gradient norm clip.
         eval_batch_size: test examples per forward pass.
         amp: ``"bf16"`` for bfloat16 autocast on CUDA (ignored on CPU), or ``"none"``.
+        validation_folds, validation_fold: fold ``validation_fold`` of ``validation_folds`` equal
+            folds of the training split is held out for validation (``validation_folds=0``: none).
+        curve_points: validation evaluations along the run (evenly spaced, the last after the
+            final step); the learning curve.
+        input_noise: standard deviation of Gaussian noise added to continuous inputs while
+            training (augmentation; token inputs are left alone).
     """
 
     steps: int = 1000
@@ -41,6 +58,26 @@ class TrainConfig(RecordedConfig):
     grad_clip: float = 1.0
     eval_batch_size: int = 256
     amp: str = "none"
+    validation_folds: int = 10
+    validation_fold: int = 0
+    curve_points: int = 10
+    input_noise: float = 0.0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.validation_folds < 0 or (self.validation_folds == 1):
+            raise ValueError(f"validation_folds: expected 0 (no validation) or at least 2, got {self.validation_folds}")
+        if self.validation_folds and not 0 <= self.validation_fold < self.validation_folds:
+            raise ValueError(
+                f"validation_fold: expected 0 <= fold < validation_folds ({self.validation_folds}), got {self.validation_fold}"
+            )
+        if self.curve_points < 0:
+            raise ValueError(f"curve_points: expected a non-negative integer, got {self.curve_points}")
+        if not self.input_noise >= 0:
+            raise ValueError(f"input_noise: expected a non-negative standard deviation, got {self.input_noise}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -53,6 +90,24 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError as error:
         raise ValueError(f"--device: expected 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from error
+
+
+def validation_split(train: Split, folds: int, fold: int) -> tuple[Split, Split | None]:
+    """``(training part, validation fold)`` of a training split; ``folds=0``: ``(train, None)``.
+
+    The examples are dealt into ``folds`` folds by a permutation from a fixed generator, so the
+    fold is the same for every seed and variant (and for every run of a tuning sweep).
+    """
+    if folds == 0:
+        return train, None
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(_FOLD_SEED))
+    held_out = torch.zeros(len(train), dtype=torch.bool)
+    held_out[order[fold::folds]] = True
+
+    def part(mask: Tensor) -> Split:
+        return Split(train.x[mask], train.y[mask], train.lengths[mask])
+
+    return part(~held_out), part(held_out)
 
 
 def _batch(split: Split, index: Tensor, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -79,22 +134,86 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, data: TaskData, split: Split, config: TrainConfig, device: torch.device, autocast) -> dict[str, float]:
+def evaluate(
+    model, data: TaskData, split: Split, config: TrainConfig, device: torch.device, autocast, *, prefix: str = "test"
+) -> tuple[dict[str, float], list[float]]:
+    """Metrics of ``model`` on ``split`` and each example's outcome, in the split's order.
+
+    Returns:
+        ``{prefix_accuracy, prefix_loss}`` (classification) or ``{prefix_mse}`` (regression), and
+        per example: 1.0/0.0 for correct/wrong, or the squared error. The outcomes pair examples
+        across variants and seeds for the hierarchical bootstrap.
+    """
+    was_training = model.training
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    # sort by length so that padded batches stay short; metrics do not depend on the order
+    outcomes = torch.zeros(len(split), dtype=torch.float64)
+    losses = torch.zeros(len(split), dtype=torch.float64)
+    # sort by length so that padded batches stay short; outcomes go back to their examples
     order = torch.argsort(split.lengths, stable=True)
     for start in range(0, len(split), config.eval_batch_size):
-        x, mask, y = _batch(split, order[start : start + config.eval_batch_size], device)
+        index = order[start : start + config.eval_batch_size]
+        x, mask, y = _batch(split, index, device)
         with autocast():
-            output = model(x, mask)
-        total_loss += float(_loss(data.kind, output, y)) * y.shape[0]
-        if data.kind == "classification":
-            correct += int((output.argmax(-1) == y).sum())
-        count += y.shape[0]
+            output = model(x, mask).float()
+        if data.kind == "regression":
+            squared = (output - y).pow(2).double().cpu()
+            outcomes[index], losses[index] = squared, squared
+        else:
+            outcomes[index] = (output.argmax(-1) == y).double().cpu()
+            losses[index] = F.cross_entropy(output, y, reduction="none").double().cpu()
+    model.train(was_training)
     if data.kind == "regression":
-        return {"test_mse": total_loss / count}
-    return {"test_accuracy": correct / count, "test_loss": total_loss / count}
+        return {f"{prefix}_mse": float(losses.mean())}, outcomes.tolist()
+    return {f"{prefix}_accuracy": float(outcomes.mean()), f"{prefix}_loss": float(losses.mean())}, outcomes.tolist()
+
+
+def _cpu_attention_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# The counter knows the CUDA attention kernels but not the fused CPU one that full attention runs;
+# count it with the same formulas, so every variant's attention is counted on every device.
+_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
+def _training_flops(model, data: TaskData, train: Split, config: TrainConfig, device: torch.device, autocast) -> float:
+    """Estimated FLOPs of the whole training run: a counted step, times the steps.
+
+    One forward + backward pass is counted with :class:`torch.utils.flop_counter.FlopCounterMode`
+    (matrix products, convolutions and attention) on each of 4 batches drawn by a generator of
+    its own, and the mean is multiplied by ``steps``; elementwise work is not counted. The model's
+    weights and gradients are left as they were.
+    """
+    generator = torch.Generator().manual_seed(_FOLD_SEED)
+    counts = []
+    for _ in range(4):
+        index = torch.randperm(len(train), generator=generator)[: config.batch_size]
+        x, mask, y = _batch(train, index, device)
+        counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS)
+        with counter:
+            with autocast():
+                output = model(x, mask)
+            _loss(data.kind, output, y).backward()
+        counts.append(counter.get_total_flops())
+    model.zero_grad(set_to_none=True)
+    return float(sum(counts) / len(counts) * config.steps)
+
+
+def _add_noise(x: Tensor, mask: Tensor | None, std: float, generator: torch.Generator) -> Tensor:
+    """Gaussian noise on continuous inputs (augmentation), none on padding; token ids untouched."""
+    if std == 0 or not x.is_floating_point():
+        return x
+    noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype) * std
+    if mask is not None:
+        noise = noise * mask[..., None].to(x.dtype)
+    return x + noise
 
 
 def train_and_evaluate(
@@ -108,9 +227,19 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train a fresh model on ``data`` and return its metrics and bookkeeping.
 
-    ``seed`` fixes the initialisation (``torch.manual_seed``) and the batch order (a separate
-    generator), so a run is reproducible on the same device and torch version.
+    ``seed`` fixes the initialisation (``torch.manual_seed``), the batch order and the
+    augmentation noise (generators of their own), so a run is reproducible on the same device
+    and torch version.
+
+    Returns:
+        A dict with ``metrics`` (test metrics after the last step and ``final_train_loss``),
+        ``validation`` (validation metrics after the last step, empty without validation),
+        ``learning_curve`` (``[{"step", "train_loss", "cpu_s", "wall_s", <validation metrics>}]``),
+        ``test_outcomes`` (per test example, in the split's order), ``finite``, ``params``,
+        ``train_time_s``, ``train_cpu_s``, ``eval_time_s``, ``train_flops``, ``num_train``,
+        ``num_validation`` and ``amp_used``.
     """
+    train, validation = validation_split(data.train, train_config.validation_folds, train_config.validation_fold)
     torch.manual_seed(seed)
     model = build_model(
         model_config,
@@ -121,26 +250,36 @@ def train_and_evaluate(
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, train_config))
     order_generator = torch.Generator().manual_seed(seed)
+    noise_generator = torch.Generator().manual_seed(seed + 1)
     use_amp = train_config.amp == "bf16" and device.type == "cuda"
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
 
-    permutation, cursor = torch.randperm(len(data.train), generator=order_generator), 0
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # counting draws no randomness of the run
+        train_flops = _training_flops(model, data, train, train_config, device, autocast)
+
+    steps = train_config.steps
+    points = min(train_config.curve_points, steps) if validation is not None else 0
+    curve_steps = {round((point + 1) * steps / points) for point in range(points)}
+    permutation, cursor = torch.randperm(len(train), generator=order_generator), 0
     losses: list[float] = []
-    iterator = range(train_config.steps)
+    curve: list[dict[str, float]] = []
+    iterator = range(steps)
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="steps", leave=False, mininterval=2.0)
-    model.train()
-    start = time.perf_counter()
+    train_time = train_cpu = 0.0
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
     for step in iterator:
         if cursor + train_config.batch_size > len(permutation):  # a new epoch: a new order
-            permutation, cursor = torch.randperm(len(data.train), generator=order_generator), 0
+            permutation, cursor = torch.randperm(len(train), generator=order_generator), 0
         index = permutation[cursor : cursor + train_config.batch_size]
         cursor += train_config.batch_size
-        x, mask, y = _batch(data.train, index, device)
+        x, mask, y = _batch(train, index, device)
+        x = _add_noise(x, mask, train_config.input_noise, noise_generator)
         with autocast():
             output = model(x, mask)
         loss = _loss(data.kind, output, y)
@@ -150,21 +289,40 @@ def train_and_evaluate(
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
+        if step + 1 in curve_steps:  # the clocks stop while the validation fold is evaluated
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - wall_start
+            train_cpu += time.process_time() - cpu_start
+            metrics, _ = evaluate(model, data, validation, train_config, device, autocast, prefix="validation")
+            recent = losses[-max(1, steps // max(points, 1)) :]
+            curve.append({"step": step + 1, "train_loss": sum(recent) / len(recent), "cpu_s": train_cpu,
+                          "wall_s": train_time, **metrics})
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    train_time = time.perf_counter() - start
+    train_time += time.perf_counter() - wall_start
+    train_cpu += time.process_time() - cpu_start
 
     start = time.perf_counter()
-    metrics = evaluate(model, data, data.test, train_config, device, autocast)
+    metrics, test_outcomes = evaluate(model, data, data.test, train_config, device, autocast)
     eval_time = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10) :]
     metrics["final_train_loss"] = sum(tail) / len(tail)
-    finite = all(math.isfinite(v) for v in metrics.values())
+    validation_metrics = {key: value for key, value in curve[-1].items() if key.startswith("validation_")} if curve else {}
+    finite = all(math.isfinite(v) for v in (*metrics.values(), *validation_metrics.values()))
     return {
         "metrics": metrics,
+        "validation": validation_metrics,
+        "learning_curve": curve,
+        "test_outcomes": test_outcomes,
         "finite": finite,
         "params": count_parameters(model),
         "train_time_s": train_time,
+        "train_cpu_s": train_cpu,
         "eval_time_s": eval_time,
+        "train_flops": train_flops,
+        "num_train": len(train),
+        "num_validation": 0 if validation is None else len(validation),
         "amp_used": "bf16" if use_amp else "none",
     }
