@@ -73,7 +73,7 @@ def split_deprecated_arguments(
             f"{keyword} is deprecated and will be removed in the next release; pass "
             f"implementation=deform_attn.Implementation({field}=...) instead",
             DeprecationWarning,
-            stacklevel=4,
+            stacklevel=3,  # the caller of DeformableAttention1D(...)
         )
         if mapping is not None:
             if not isinstance(value, bool):
@@ -95,7 +95,7 @@ def split_deprecated_arguments(
             f"{keyword} is deprecated and will be removed in the next release: ablation variants are built "
             f"outside the layer; {advice} (see deform_attn.experiments.variants)",
             DeprecationWarning,
-            stacklevel=4,
+            stacklevel=3,  # the caller of DeformableAttention1D(...)
         )
         variant[keyword] = arguments[keyword]
     if variant.get("position_bias", "cpb") not in POSITION_BIASES:

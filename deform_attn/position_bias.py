@@ -304,7 +304,8 @@ class _PiecewiseLinearBias(torch.autograd.Function):
             raise RuntimeError(
                 "ContinuousPositionBias(fast=True) cannot be differentiated twice: its first derivative is "
                 "exact, but higher-order ones are not implemented; use fast=False "
-                "(DeformableAttention1D(fast_position_bias=False)) for gradient penalties or Hessians"
+                "(DeformableAttention1D(implementation=Implementation(kernel='sdpa', position_bias='mlp'))) "
+                "for gradient penalties or Hessians"
             )
         t, interval, local_derivative = ctx.saved_tensors
         outputs = ctx.outputs

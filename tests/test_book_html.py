@@ -1,7 +1,10 @@
 """The rendered book in a real headless browser: pages load, figures show, equations typeset.
 
 Run ``make book`` first (``jupyter-book build . -W -n --keep-going``): this test reads
-``_build/html`` and fails, rather than skips, when it is missing.
+``_build/html``. Its prerequisites are the built book, a Chromium binary and a local MathJax (see
+below); ``make test`` provides all three. When one is missing the tests are skipped with the
+reason, except in CI (``CI=true`` in the environment, as the CI script sets it for ``make test``),
+where a missing prerequisite fails them, so that CI cannot pass by silently skipping the check.
 
 How it works, offline:
 
@@ -210,10 +213,19 @@ class _BookHandler(SimpleHTTPRequestHandler):
         self.wfile.write(body)
 
 
+def _missing_prerequisite(reason: str) -> None:
+    """Skip for a missing prerequisite; in CI (``CI=true``) fail instead, so CI cannot skip the check."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the rendered-book check must run in CI)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def html_dir() -> Path:
     if not (HTML_DIR / "index.html").is_file():
-        pytest.fail(f"{HTML_DIR} does not exist: run `make book` (jupyter-book build . -W -n --keep-going) first")
+        _missing_prerequisite(
+            f"{HTML_DIR} does not exist: run `make book` (jupyter-book build . -W -n --keep-going) first"
+        )
     return HTML_DIR
 
 
@@ -223,14 +235,16 @@ def chromium() -> str:
         (found for name in ("chromium", "chromium-browser", "google-chrome") if (found := shutil.which(name))), None
     )
     if not binary:
-        pytest.fail("no chromium found: `apt-get install -y chromium chromium-driver` (or set DEFORM_ATTN_CHROMIUM)")
+        _missing_prerequisite(
+            "no chromium found: `apt-get install -y chromium chromium-driver` (or set DEFORM_ATTN_CHROMIUM)"
+        )
     return binary
 
 
 @pytest.fixture(scope="module")
 def server(html_dir):
     if not (MATHJAX_DIR / "es5" / "tex-mml-chtml.js").is_file():
-        pytest.fail(
+        _missing_prerequisite(
             f"no local MathJax 3 in {MATHJAX_DIR}: run `npm install --prefix ~/.cache/deform_attn/mathjax mathjax@3` "
             "or set DEFORM_ATTN_MATHJAX_DIR to a node_modules/mathjax folder"
         )
@@ -328,3 +342,19 @@ def test_internal_links_resolve(entry, html_dir):
             if unquote(parts.fragment) not in ids_of[target]:
                 broken.append(f"<a> {url}: no id {parts.fragment!r} in {target.name}")
     assert not broken, f"{entry}: broken internal links:\n" + "\n".join(broken)
+
+
+@pytest.mark.parametrize("ci", [None, "false", "1"])
+def test_missing_prerequisite_skips_outside_ci(ci, monkeypatch):
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.skip.Exception, match="no chromium"):
+        _missing_prerequisite("no chromium found")
+
+
+def test_missing_prerequisite_fails_in_ci(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"no chromium found \(CI=true"):
+        _missing_prerequisite("no chromium found")

@@ -147,6 +147,11 @@ def plan_attention(
             )
         if num_kinks is None:
             raise ValueError("implementation.kernel: 'piecewise' needs the position bias's piecewise-linear table")
+        if floating_point not in ("float32", "float64") or autocast:
+            raise ValueError(
+                "implementation.kernel: 'piecewise' computes in float32 or float64 without autocast, got "
+                f"{floating_point}{' under autocast' if autocast else ''}; use 'auto' or 'sdpa' for low precision"
+            )
     elif kernel == "auto":
         applies = (
             device_type == "cpu"
