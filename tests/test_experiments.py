@@ -764,3 +764,97 @@ def test_training_flops_grow_with_steps_and_full_attention_costs_more_on_long_se
     )["train_flops"]
     assert doubled == pytest.approx(2 * flops["deformable"])
     assert flops["full"] > flops["deformable"]
+
+
+# ---------------------------------------------------------------------------- recipe search
+
+
+def test_tune_grids_cross_candidates_folds_and_the_scored_variants():
+    runs = grid.build_grid("micro_tune")
+    # adding: 2 candidates x 3 variants; osuleaf: 2 candidates x 2 folds x 3 variants
+    assert len(runs) == 2 * 3 + 2 * 2 * 3
+    assert {r.candidate for r in runs} == {"c0", "c1"}
+    assert {r.model.attention for r in runs} == set(grid.TUNED_VARIANTS)
+    folds = {(r.train.validation_folds, r.train.validation_fold) for r in runs if r.task == "osuleaf"}
+    assert folds == {(2, 0), (2, 1)}
+    c1 = next(r for r in runs if r.candidate == "c1" and r.task == "adding")
+    assert c1.train.lr == 3e-3 and c1.model.dropout == 0.0 and "candidate=c1" in c1.variant
+    full_tune = grid.build_grid("tune")
+    per_task = {task: sum(r.task == task for r in full_tune) for task in {r.task for r in full_tune}}
+    assert per_task["osuleaf"] == 4 * len(grid.CANDIDATES) * 3
+    assert all(per_task[t] == len(grid.CANDIDATES) * 3 for t in per_task if t != "osuleaf")
+
+
+def _tuning_record(task, candidate, attention, value, *, kind="classification", fold=0, commit="a" * 40):
+    metric = "validation_mse" if kind == "regression" else "validation_accuracy"
+    return {
+        "task": task, "task_kind": kind, "candidate": candidate, "attention": attention, "git_commit": commit,
+        "validation_metrics": {metric: value},
+        "config": {"task_params": {}, "model": {"attention": attention, "dropout": 0.1},
+                   "train": {"lr": 1e-3, "validation_folds": 4, "validation_fold": fold}},
+    }
+
+
+def test_recipes_score_by_the_mean_over_variants_and_never_by_one():
+    from deform_attn.experiments import recipes
+
+    variants = ("deformable", "downsampled", "full")
+    records = []
+    # c0 has the single best variant (full 0.99) but the worse mean; c1 wins on the mean
+    for attention, c0, c1 in (("deformable", 0.50, 0.80), ("downsampled", 0.50, 0.78), ("full", 0.99, 0.80)):
+        for fold in range(2):
+            records += [_tuning_record("mnist1d", "c0", attention, c0, fold=fold),
+                        _tuning_record("mnist1d", "c1", attention, c1, fold=fold)]
+    # regression: lower is better
+    for attention in variants:
+        records += [_tuning_record("adding", "c0", attention, 0.05, kind="regression"),
+                    _tuning_record("adding", "c1", attention, 0.01, kind="regression")]
+    # an incomplete candidate never wins
+    records.append(_tuning_record("adding", "c2", "deformable", 0.0001, kind="regression"))
+    chosen = recipes.choose_recipes([schema.as_record(_full_record(r)) for r in records], variants=variants)
+    assert chosen["mnist1d"]["candidate"] == "c1"
+    assert chosen["mnist1d"]["score"] == pytest.approx((0.80 + 0.78 + 0.80) / 3)
+    assert chosen["adding"]["candidate"] == "c1"
+    assert chosen["adding"]["candidates"]["c2"]["complete"] is False
+    assert "validation_fold" not in chosen["mnist1d"]["train"] and chosen["mnist1d"]["model"] == {"dropout": 0.1}
+
+
+def _full_record(partial):
+    """A schema-2 record with every required field, overridden by ``partial``."""
+    base = {
+        "schema": 2, "key": "k", "preset": "tune", "task": "t", "task_kind": "classification", "variant": "v",
+        "attention": "deformable", "axis": None, "overrides": {}, "config_hash": "h", "config": {}, "seed": 0,
+        "shard": None, "primary_metric": "test_accuracy", "higher_is_better": True, "metrics": {}, "finite": True,
+        "baseline": {}, "reference": {}, "sequence_length": 1, "num_train": 1, "num_test": 1, "params": 1,
+        "train_time_s": 0.0, "eval_time_s": 0.0, "run_wall_s": 0.0, "run_cpu_s": 0.0, "amp": "none",
+        "device": "cpu", "device_name": None, "threads": 1, "torch": "x", "python": "x", "git_commit": "a" * 40,
+        "finished_at": "now",
+    }
+    return {**base, **partial}
+
+
+def test_recipes_refuse_dirty_records_and_round_trip_through_json(tmp_path):
+    from deform_attn.experiments import recipes
+
+    variants = ("deformable", "downsampled", "full")
+    records = [schema.as_record(_full_record(_tuning_record("mnist1d", "c0", a, 0.9, commit="b" * 40 + "-dirty")))
+               for a in variants]
+    with pytest.raises(ValueError, match=r"^records: 1 commit\(s\) are modified or unknown"):
+        recipes.choose_recipes(records, variants=variants)
+    chosen = recipes.choose_recipes(records, variants=variants, allow_dirty=True)
+    path = recipes.write_recipes(chosen, tmp_path / "recipes.json", command="python -m deform_attn.experiments recipes x")
+    assert recipes.load_recipes(path) == json.loads(json.dumps(chosen))
+    assert recipes.load_recipes(tmp_path / "missing.json") == {}
+
+
+def test_recipes_command_on_a_micro_tuning_run(tmp_path, capsys):
+    from deform_attn.experiments import recipes
+    from deform_attn.experiments.runner import main
+
+    out = tmp_path / "tune.jsonl"
+    assert main(["run", "--preset", "micro_tune", "--out", str(out), "--quiet", "--tasks", "adding"]) == 0
+    assert main(["recipes", str(out), "--allow-dirty", "--write", str(tmp_path / "recipes.json")]) == 0
+    frozen = recipes.load_recipes(tmp_path / "recipes.json")
+    assert set(frozen) == {"adding"} and frozen["adding"]["candidate"] in {"c0", "c1"}
+    assert set(frozen["adding"]["candidates"]) == {"c0", "c1"}
+    assert "adding:" in capsys.readouterr().out

@@ -7,7 +7,13 @@ same settings finds the finished record and a changed setting is a new run.
 Variants: the main comparison (``deformable``, ``downsampled`` = offsets off, ``full``, ``bug018``)
 runs on every task; the axes sweeps vary one argument of the deformable layer at a time on the
 preset's sweep tasks. The sweep's default point is the main ``deformable`` run itself (same key),
-so it is trained once. A preset may list any registered variant
+so it is trained once.
+
+Recipe search (the ``tune`` preset): a preset with ``candidates`` trains every variant under each
+candidate recipe (model and training overrides of the preset's base), on the validation fold;
+with ``folds`` for a task it trains every fold of a k-fold split of the training data (for small
+data sets). :mod:`deform_attn.experiments.recipes` scores the candidates and freezes the chosen
+recipe per task. A preset may list any registered variant
 (:data:`deform_attn.experiments.variants.ATTENTION_VARIANTS`) and any registered task
 (:data:`deform_attn.experiments.tasks.TASKS`); a task without ``train`` (or ``params``) takes the
 budget (or parameters) it was registered with.
@@ -26,10 +32,26 @@ from .tasks import TASKS
 from .train import TrainConfig
 from .variants import ATTENTION_VARIANTS
 
-__all__ = ["Run", "PRESETS", "MAIN_VARIANTS", "AXES", "build_grid", "parse_shard", "shard", "config_hash"]
+__all__ = [
+    "Run", "PRESETS", "MAIN_VARIANTS", "TUNED_VARIANTS", "AXES", "CANDIDATES", "build_grid", "parse_shard", "shard",
+    "config_hash",
+]
 
 # the published comparison, so listed here rather than derived: registering a variant must not change it
 MAIN_VARIANTS: tuple[str, ...] = ("deformable", "downsampled", "full", "bug018")
+
+# the variants whose mean validation metric scores a candidate recipe: the layer, the layer with
+# its offsets off, and full attention, so that no single variant's taste picks the recipe
+TUNED_VARIANTS: tuple[str, ...] = ("deformable", "downsampled", "full")
+
+# The candidate recipes, the same four for every task: two learning rates crossed with two
+# strengths of regularisation (residual dropout and weight decay), on the task's registered budget.
+CANDIDATES: tuple[dict[str, Any], ...] = (
+    {"name": "c0", "model": {"dropout": 0.0}, "train": {"lr": 1e-3, "weight_decay": 0.01}},
+    {"name": "c1", "model": {"dropout": 0.0}, "train": {"lr": 3e-3, "weight_decay": 0.01}},
+    {"name": "c2", "model": {"dropout": 0.1}, "train": {"lr": 1e-3, "weight_decay": 0.05}},
+    {"name": "c3", "model": {"dropout": 0.1}, "train": {"lr": 3e-3, "weight_decay": 0.05}},
+)
 
 # axis name -> values; each value is a dict of overrides of the deformable config. position_bias
 # 'none' is applied by the deformable variants' builder (it removes the bias), not by a layer flag.
@@ -61,6 +83,7 @@ class Run:
     model: ModelConfig
     train: TrainConfig
     seed: int
+    candidate: str | None = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -84,6 +107,17 @@ def config_hash(config: dict[str, Any]) -> str:
 # Presets. 'micro' exists for the tests (seconds); 'smoke' is the CI run; 'cpu' is the whole grid
 # sized for a 2-core CPU in 45 minutes (two 1-thread workers); 'gpu' is the longer setting.
 PRESETS: dict[str, dict[str, Any]] = {
+    "micro_tune": {
+        "threads": 1,
+        "seeds": [0],
+        "model": {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "mlp_ratio": 1},
+        "tasks": {
+            "adding": {"params": {"length": 32, "num_train": 64, "num_test": 32}, "train": {"steps": 3, "batch_size": 8, "warmup": 1}},
+            "osuleaf": {"params": {}, "train": {"steps": 2, "batch_size": 4, "warmup": 1}, "folds": 2},
+        },
+        "variants": list(TUNED_VARIANTS),
+        "candidates": list(CANDIDATES[:2]),
+    },
     "micro": {
         "threads": 1,
         "seeds": [0, 1],
@@ -125,6 +159,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         "variants": list(MAIN_VARIANTS),
         # the axes are swept on MNIST-1D only: at 1000 steps the adding runs dominate the budget
         "sweeps": {"mnist1d": list(AXES)},
+    },
+    # The recipe search: the base recipe of each task (a budget a 2-core CPU trains in minutes),
+    # crossed with CANDIDATES, scored on validation data by the TUNED_VARIANTS. OSULeaf has 200
+    # training examples, so its candidates are scored by 4-fold cross-validation. About 5
+    # core-hours; run it with --jobs 2 and choose with `recipes`.
+    "tune": {
+        "threads": 1,
+        "seeds": [0],
+        "model": {"dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "mlp_ratio": 2},
+        "tasks": {
+            "mnist1d": {"params": {}, "train": {"steps": 4000, "batch_size": 64, "warmup": 200}},
+            "mnist1d_long": {"params": {"upsample": 4, "frame": 160},
+                             "train": {"steps": 3000, "batch_size": 32, "warmup": 150}},
+            "adding": {"params": {"length": 200, "num_train": 20_000, "num_test": 1000},
+                       "train": {"steps": 3000, "batch_size": 32, "warmup": 150}},
+            "listops": {"params": {"min_length": 64, "max_length": 192, "num_train": 20_000, "num_test": 1000},
+                        "train": {"steps": 3000, "batch_size": 32, "warmup": 150}},
+            "osuleaf": {"params": {}, "train": {"steps": 800, "batch_size": 16, "warmup": 40}, "folds": 4},
+        },
+        "variants": list(TUNED_VARIANTS),
+        "candidates": list(CANDIDATES),
     },
     "gpu": {
         "seeds": [0, 1, 2, 3, 4],
@@ -169,22 +224,34 @@ def build_grid(preset: str, *, seeds: list[int] | None = None, tasks: list[str] 
     seeds = list(spec["seeds"]) if seeds is None else seeds
     base_model = ModelConfig(**spec["model"])
     sweep_values = {**AXES, **spec.get("sweep_values", {})}
+    candidates = spec.get("candidates", ({"name": None, "model": {}, "train": {}},))
     runs: list[Run] = []
     seen: set[str] = set()
     for task in chosen:
         task_spec, registered = spec["tasks"][task], TASKS[task]
-        train = TrainConfig.from_dict(task_spec.get("train", registered.default_train))
+        base_train = task_spec.get("train", registered.default_train)
         params = tuple(sorted(task_spec.get("params", registered.default_params).items()))
+        folds = task_spec.get("folds")
+        fold_settings = [{}] if folds is None else [{"validation_folds": folds, "validation_fold": f} for f in range(folds)]
         variants: list[tuple[str, dict[str, Any], str | None]] = [(v, {}, None) for v in spec["variants"]]
         for axis in spec.get("sweeps", {}).get(task, []):
             variants += [("deformable", overrides, axis) for overrides in sweep_values[axis]]
-        for seed in seeds:
-            for attention, overrides, axis in variants:
-                model = replace(base_model, attention=attention, **overrides)
-                run = Run(task, params, variant_name(attention, overrides), tuple(sorted(overrides.items())), axis, model, train, seed)
-                if run.key not in seen:
-                    seen.add(run.key)
-                    runs.append(run)
+        for candidate in candidates:
+            for fold in fold_settings:
+                train = TrainConfig.from_dict({**base_train, **candidate["train"], **fold})
+                for seed in seeds:
+                    for attention, overrides, axis in variants:
+                        model = replace(base_model, attention=attention, **candidate["model"], **overrides)
+                        label = dict(overrides)
+                        if candidate["name"] is not None:
+                            label["candidate"] = candidate["name"]
+                        if fold:
+                            label["fold"] = fold["validation_fold"]
+                        run = Run(task, params, variant_name(attention, label), tuple(sorted(overrides.items())), axis,
+                                  model, train, seed, candidate["name"])
+                        if run.key not in seen:
+                            seen.add(run.key)
+                            runs.append(run)
     return runs
 
 

@@ -130,6 +130,7 @@ def run_grid(
             seed=run.seed,
             shard=shard_spec,
             command=command,
+            candidate=run.candidate,
             primary_metric=primary,
             higher_is_better=primary != "test_mse",
             metrics=result["metrics"],
@@ -207,6 +208,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     summarize.add_argument("inputs", type=Path, nargs="+")
     summarize.add_argument("--reference", default="full", help="variant the paired differences are taken against")
     summarize.add_argument("--plots", type=Path, default=None, help="write one PNG per task and per sweep here")
+
+    recipes = commands.add_parser("recipes", help="score the tune preset's candidates; --write freezes the best per task")
+    recipes.add_argument("inputs", type=Path, nargs="+", help="tuning results files or folders")
+    recipes.add_argument("--write", type=Path, nargs="?", const="package", default=None,
+                         help="freeze the chosen recipes (default path: the package's data/recipes.json)")
+    recipes.add_argument("--allow-dirty", action="store_true", help="use records from a modified checkout too")
 
     publish = commands.add_parser("publish", help="ship results inside the package as data/<preset>/")
     publish.add_argument("--preset", required=True)
@@ -294,6 +301,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.plots is not None:
             for path in plot_all(records, args.plots):
                 print(path)
+        return 0
+    if args.command == "recipes":
+        from .grid import TUNED_VARIANTS
+        from .recipes import RECIPES_FILE, choose_recipes, write_recipes
+        from .records import read_records
+
+        chosen = choose_recipes(read_records(args.inputs), variants=TUNED_VARIANTS, allow_dirty=args.allow_dirty)
+        for task, recipe in chosen.items():
+            print(f"{task}: {recipe['candidate']} ({recipe['metric']} {recipe['score']:.4f})")
+            for name, entry in recipe["candidates"].items():
+                by_variant = ", ".join(f"{v} {m:.4f}" for v, m in entry["by_variant"].items())
+                score = "incomplete" if entry["score"] is None else f"{entry['score']:.4f}"
+                print(f"    {name}: {score}  [{by_variant}]")
+        if args.write is not None:
+            path = RECIPES_FILE if str(args.write) == "package" else args.write
+            command = shlex.join(["python", "-m", "deform_attn.experiments", *(sys.argv[1:] if argv is None else argv)])
+            print(write_recipes(chosen, path, command=command))
         return 0
     if args.command == "publish":
         from .results import publish

@@ -9,7 +9,7 @@ Schema versions (the ``schema`` field):
 * 1: the records published before the variant registry (``data/*/results.jsonl``). Their
   ``downsampled`` runs count the unused offset network in ``params``, ``offset_kernel_size=None``
   meant ``r + 2``, and ``position_bias=none`` changed the initialisation of later weights.
-* 2: adds ``command``, ``learning_curve``, ``validation_metrics``, ``test_outcomes``,
+* 2: adds ``command``, ``candidate``, ``learning_curve``, ``validation_metrics``, ``test_outcomes``,
   ``num_validation``, ``train_cpu_s``, ``train_flops`` and the provenance fields ``cpu_model``,
   ``cpu_count``, ``cuda``, ``platform`` and ``deform_attn``. Reading a schema-1 record fills them
   with ``None`` (or an empty list). From schema 2 a validation fold is carved from the training
@@ -50,6 +50,7 @@ class Record:
         seed: seeds the data (generated tasks), the initialisation and the batch order.
         shard: ``"i/N"`` if the run was trained by one shard of the grid, else ``None``.
         command: the command line that produced the record (``None`` in schema 1).
+        candidate: the candidate recipe of a recipe-search run (``tune`` preset), else ``None``.
 
     Results:
         primary_metric: the metric tables report (``test_accuracy`` or ``test_mse``).
@@ -127,6 +128,7 @@ class Record:
 
     # schema 2
     command: str | None = None
+    candidate: str | None = None
     learning_curve: list[dict[str, float]] = field(default_factory=list)
     validation_metrics: dict[str, float] | None = None
     test_outcomes: list[float] | None = None
