@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 from ..provenance import is_dirty_commit
 from .schema import Record, as_record
+from .stats import t_quantile
 
 RecordLike = Record | dict[str, Any]
 
@@ -44,7 +45,7 @@ __all__ = [
     "publish",
 ]
 
-# t(0.975, df) for df = 1..30 (standard tables); beyond, a Cornish-Fisher expansion around the normal.
+# t(0.975, df) for df = 1..30 (standard tables); beyond, stats.t_quantile (exact to ~1e-12).
 _T975 = [
     12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
     2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
@@ -58,13 +59,7 @@ def t_quantile_975(df: int) -> float:
         raise ValueError(f"df: expected at least 1 degree of freedom, got {df}")
     if df <= len(_T975):
         return _T975[df - 1]
-    z = 1.959963984540054
-    return (
-        z
-        + (z**3 + z) / (4 * df)
-        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
-    )
+    return t_quantile(0.975, df)
 
 
 def mean_ci(values: Iterable[float]) -> dict[str, float]:
