@@ -11,6 +11,7 @@ from .baselines import FullAttention1D
 from .geometry import (
     GEOMETRIES,
     DistanceCoordinates,
+    causal_visibility,
     QueryGrid,
     distance_coordinates,
     normalize_positions,
@@ -81,6 +82,7 @@ __all__ = [
     "distance_coordinates",
     "DistanceCoordinates",
     "QueryGrid",
+    "causal_visibility",
     "GEOMETRIES",
     "POSITION_BIASES",
     "KERNELS",

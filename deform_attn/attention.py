@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .geometry import Geometry, distance_coordinates, sample_positions
+from .geometry import Geometry, causal_visibility, distance_coordinates, sample_positions
 from .kernels import Implementation, KernelPlan, biased_attention, plan_attention
 from .legacy import POSITION_BIASES, split_deprecated_arguments
 from .offsets import OffsetNetwork, ZeroOffsets
@@ -35,7 +35,7 @@ class DeformableAttention1D(nn.Module):
     the input there by linear interpolation, projects the samples to keys and values, and attends
     with a continuous position bias. Keyword arguments and defaults match
     ``deformable_attention.DeformableAttention1D``, except ``offset_kernel_size``, whose default
-    is valid for every ``downsample_factor``; ``geometry``, ``batch_first`` and
+    is valid for every ``downsample_factor``; ``geometry``, ``batch_first``, ``causal`` and
     ``implementation`` are ours.
 
     Args:
@@ -56,6 +56,11 @@ class DeformableAttention1D(nn.Module):
         group_key_values: the key and value projections are grouped by offset group.
         geometry: ``"centered"`` (default) or ``"lucidrains"``; see :mod:`deform_attn.geometry`.
         batch_first: take and return (batch, n, dim) instead of (batch, dim, n).
+        causal: output ``i`` depends on inputs ``0..i`` only: the offset network looks back only,
+            a key is visible from the first query at or after every token it was computed from
+            (:func:`deform_attn.geometry.causal_visibility`), and a learned null key and value
+            per head, always visible and without position bias, give the first queries, which
+            see no complete cell yet, something to attend to. Centred geometry only.
         implementation: how the output is computed (kernel, chunking, reference paths, input
             check); :class:`deform_attn.kernels.Implementation`, default ``Implementation()``.
             Every choice computes the same function. Deprecated keywords (``attention_kernel``,
@@ -87,6 +92,7 @@ class DeformableAttention1D(nn.Module):
         group_key_values: bool = True,
         geometry: Geometry = "centered",
         batch_first: bool = False,
+        causal: bool = False,
         implementation: Implementation | None = None,
         **deprecated: Any,
     ):
@@ -95,11 +101,11 @@ class DeformableAttention1D(nn.Module):
         resolved = resolve_layer_arguments(
             dim=dim, dim_head=dim_head, heads=heads, dropout=dropout, downsample_factor=downsample_factor,
             offset_scale=offset_scale, offset_groups=offset_groups, offset_kernel_size=offset_kernel_size,
-            geometry=geometry, has_position_bias=variant.position_bias == "cpb",
+            geometry=geometry, has_position_bias=variant.position_bias == "cpb", causal=causal,
         )
         groups = resolved["offset_groups"]
         self.dim, self.dim_head, self.heads, self.offset_groups = dim, dim_head, heads, groups
-        self.downsample_factor, self.geometry, self.batch_first = downsample_factor, geometry, batch_first
+        self.downsample_factor, self.geometry, self.batch_first, self.causal = downsample_factor, geometry, batch_first, causal
         self.implementation, self.dropout, self.scale = implementation, resolved["dropout"], dim_head**-0.5
         inner_dim = dim_head * heads
         if variant.offset_layer_norm and inner_dim // groups < 2:
@@ -115,7 +121,7 @@ class DeformableAttention1D(nn.Module):
         self.to_offsets: nn.Module = OffsetNetwork(
             channels=inner_dim // groups, downsample_factor=downsample_factor,
             kernel_size=resolved["offset_kernel_size"], offset_scale=resolved["offset_scale"],
-            layer_norm=variant.offset_layer_norm, bounded=variant.bounded_offsets,
+            layer_norm=variant.offset_layer_norm, bounded=variant.bounded_offsets, causal=causal,
         )
         self.position_bias: ContinuousPositionBias | None = None
         if variant.position_bias == "cpb":
@@ -125,6 +131,9 @@ class DeformableAttention1D(nn.Module):
             )
         if not variant.use_offsets:
             self.to_offsets = ZeroOffsets(downsample_factor)
+        # (h, d) null key and value: zero value, so a query that sees nothing outputs to_out's bias
+        self.null_key = nn.Parameter(torch.randn(heads, dim_head) * dim_head**-0.5) if causal else None
+        self.null_value = nn.Parameter(torch.zeros(heads, dim_head)) if causal else None
         if implementation.kernel == "piecewise" and self.position_bias is None:
             raise ValueError("implementation.kernel: 'piecewise' evaluates the position bias, and this layer has none")
 
@@ -162,10 +171,14 @@ class DeformableAttention1D(nn.Module):
         coordinates = distance_coordinates(torch.arange(length, device=x.device), offsets, length, r, geometry=self.geometry)
         bias = self.bias_for_kernels(offsets.dtype)
         plan = self.attention_plan(q, cells=cells, bias=bias)
+        causal = {}
+        if self.causal:  # (b g, m) first visible query; (b, h, 1, d) null key and value
+            null_k, null_v = (t[None, :, None].expand(batch, -1, -1, -1) for t in (self.null_key, self.null_value))
+            causal = dict(visible_from=causal_visibility(positions, r), null_k=null_k, null_v=null_v)
         out = biased_attention(
             plan, q, k, v, coordinates=coordinates, position_bias=bias, scale=self.scale, key_padding=key_padding,
             log_distance=self.position_bias is not None and self.position_bias.log_distance,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, **causal,
         )
         out = self.to_out(rearrange(out, "b h n d -> b (h d) n"))  # (b, dim, n)
         if mask is not None:

@@ -46,6 +46,7 @@ __all__ = [
     "distance_coordinates",
     "DistanceCoordinates",
     "QueryGrid",
+    "causal_visibility",
 ]
 
 Geometry = Literal["centered", "lucidrains"]
@@ -110,7 +111,7 @@ def reference_points(
 
 
 def sample_positions(
-    offsets_in_cells: Tensor, length: int, downsample_factor: int, *, geometry: Geometry = "centered"
+    offsets_in_cells: Tensor, length: int, downsample_factor: int, *, geometry: Geometry = "centered", first_cell: int = 0
 ) -> Tensor:
     """Sample positions in **tokens** for offsets given in cells.
 
@@ -119,12 +120,16 @@ def sample_positions(
         length: number of tokens ``n`` of the sequence being sampled.
         downsample_factor: ``r``, tokens per cell in the centred geometry.
         geometry: ``"centered"`` or ``"lucidrains"`` (see the module docstring).
+        first_cell: index of the first cell given (centred geometry; streaming computes a few
+            cells at a time).
 
     Returns:
         (..., cells) positions in token index units, ready for :func:`linear_sample_1d`.
     """
     cells = offsets_in_cells.shape[-1]
-    k = torch.arange(cells, device=offsets_in_cells.device, dtype=offsets_in_cells.dtype)
+    if first_cell and geometry != "centered":
+        raise ValueError("first_cell: only the centred geometry places a cell independently of the others")
+    k = torch.arange(first_cell, first_cell + cells, device=offsets_in_cells.device, dtype=offsets_in_cells.dtype)
     shifted_cells = k + offsets_in_cells
     if geometry == "centered":
         return shifted_cells * downsample_factor + (downsample_factor - 1) / 2
@@ -190,3 +195,32 @@ def distance_coordinates(
         queries = normalize_positions(query_positions, length, align_corners=True)
         return DistanceCoordinates(queries, keys, 2.0 / max(length - 1, 1), -1.0)
     raise ValueError(f"geometry: expected one of {GEOMETRIES}, got {geometry!r}")
+
+
+def causal_visibility(sample_positions_in_tokens: Tensor, downsample_factor: int, *, first_cell: int = 0) -> Tensor:
+    """The first query that may see each sampled key in causal attention (centred geometry).
+
+    A key may be seen by query ``i`` only when everything it was computed from lies at or before
+    token ``i``: its offset comes from its cell's window, which ends at the cell's last token
+    ``(c + 1) r - 1`` (:class:`deform_attn.OffsetNetwork` with ``causal=True``), and its linear
+    interpolation reads tokens ``floor(p)`` and ``floor(p) + 1``, of which the second has weight
+    zero when ``p`` is whole, so the last token it reads is ``ceil(p)``. Hence
+
+    ``visible_from[c] = max((c + 1) r - 1, ceil(p_c))``,
+
+    and a key whose offset moves it forward becomes visible later. Being a comparison of
+    integers, the mask carries no gradient.
+
+    Args:
+        sample_positions_in_tokens: (..., cells) sample positions ``p_c`` in tokens.
+        downsample_factor: ``r``.
+        first_cell: index of the first cell given.
+
+    Returns:
+        (..., cells) int64 query indices.
+    """
+    cells = sample_positions_in_tokens.shape[-1]
+    cell = torch.arange(first_cell, first_cell + cells, device=sample_positions_in_tokens.device)
+    cell_end = (cell + 1) * downsample_factor - 1
+    last_token_read = sample_positions_in_tokens.detach().ceil().clamp(-1, 2.0**40).to(torch.int64)
+    return torch.maximum(last_token_read, cell_end)

@@ -77,6 +77,9 @@ class OffsetNetwork(nn.Module):
             when unbounded).
         layer_norm: DAT++'s LayerNorm after the depthwise convolution.
         bounded: ``tanh`` before the scale (DAT); ``False`` for DAT++'s unbounded offsets.
+        causal: pad all ``k - r`` tokens on the left instead of half on each side, so cell ``c``'s
+            window ends at the cell's last token, ``(c + 1) r - 1``: its offset depends on no
+            later token.
 
     Shapes: forward takes (batch * groups, channels, n) and returns (batch * groups, n // r).
     """
@@ -90,12 +93,17 @@ class OffsetNetwork(nn.Module):
         offset_scale: float,
         layer_norm: bool = False,
         bounded: bool = True,
+        causal: bool = False,
     ):
         super().__init__()
         check_offset_kernel_size(kernel_size, downsample_factor)
         self.downsample_factor = downsample_factor
         self.offset_scale = offset_scale
         self.bounded = bounded
+        self.causal = causal
+        padding = kernel_size - downsample_factor
+        # (left, right) tokens of zero padding: centred windows, or windows that end with their cell
+        self.padding = (padding, 0) if causal else (padding // 2, padding // 2)
         self.depthwise = nn.Conv1d(
             channels,
             channels,
@@ -108,20 +116,23 @@ class OffsetNetwork(nn.Module):
         self.activation = nn.GELU()
         self.pointwise = nn.Conv1d(channels, 1, 1, bias=False)
 
-    def depthwise_conv(self, grouped_queries: Tensor) -> Tensor:
+    def depthwise_conv(self, grouped_queries: Tensor, padding: tuple[int, int] | None = None) -> Tensor:
         """``self.depthwise`` computed from strided windows.
 
         Same result as calling the convolution, but PyTorch's CPU backward of a strided depthwise
         ``conv1d`` is pathologically slow (seconds at n = 2048), while the windows' is not.
+        ``padding`` overrides the (left, right) zero padding, e.g. ``(0, 0)`` for queries that
+        already carry their left context (streaming).
         """
         conv = self.depthwise
-        (kernel_size,), (padding,) = conv.kernel_size, conv.padding
+        (kernel_size,) = conv.kernel_size
         # shape: (b g, d, n) -> (b g, d, m, k): the k tokens each cell's kernel sees
-        windows = F.pad(grouped_queries, (padding, padding)).unfold(-1, kernel_size, self.downsample_factor)
+        windows = F.pad(grouped_queries, self.padding if padding is None else padding)
+        windows = windows.unfold(-1, kernel_size, self.downsample_factor)
         return torch.einsum("bdmk,dk->bdm", windows, conv.weight[:, 0]) + conv.bias[:, None]
 
-    def forward(self, grouped_queries: Tensor) -> Tensor:
-        hidden = self.activation(self.norm(self.depthwise_conv(grouped_queries)))
+    def forward(self, grouped_queries: Tensor, padding: tuple[int, int] | None = None) -> Tensor:
+        hidden = self.activation(self.norm(self.depthwise_conv(grouped_queries, padding)))
         raw = self.pointwise(hidden).squeeze(1)  # (bg, 1, m) -> (bg, m)
         if self.bounded:
             raw = torch.tanh(raw)

@@ -36,6 +36,7 @@ def resolve_layer_arguments(
     offset_kernel_size: int | None,
     geometry: str,
     has_position_bias: bool,
+    causal: bool = False,
 ) -> dict[str, Any]:
     """Check the constructor's arguments; return them with every ``None`` default resolved.
 
@@ -65,6 +66,13 @@ def resolve_layer_arguments(
         raise ValueError(f"dim: the position bias MLP has dim // 4 hidden units, so dim must be >= 4, got {dim}")
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry: expected one of {GEOMETRIES}, got {geometry!r}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected a bool, got {causal!r}")
+    if causal and geometry != "centered":
+        raise ValueError(
+            "causal: needs geometry='centered'; the 'lucidrains' geometry places every key by the whole "
+            "sequence length, so no key can be computed from the past alone"
+        )
     return {
         "offset_groups": offset_groups,
         "offset_kernel_size": offset_kernel_size,

@@ -223,9 +223,9 @@ def test_sdpa_chunked_queries_equal_unchunked(geometry, max_bias_elements, monke
     calls = []  # queries per call of the SDPA kernel's chunk function
     attend = sdpa_kernel._attend_chunk
 
-    def counting_attend(q, *args):
+    def counting_attend(q, *args, **kwargs):
         calls.append(q.shape[2])
-        return attend(q, *args)
+        return attend(q, *args, **kwargs)
 
     monkeypatch.setattr(sdpa_kernel, "_attend_chunk", counting_attend)
 

@@ -70,6 +70,9 @@ def biased_attention(
     scale: float,
     key_padding: Tensor | None = None,
     dropout_p: float = 0.0,
+    visible_from: Tensor | None = None,
+    null_k: Tensor | None = None,
+    null_v: Tensor | None = None,
 ) -> Tensor:
     """Run ``plan``'s kernel: attention of the queries to the keys with a position bias.
 
@@ -85,6 +88,10 @@ def biased_attention(
         scale: factor on ``q k^T``.
         key_padding: optional (b, m) bool, True where a key does not exist.
         dropout_p: attention dropout (SDPA kernel only; the plan never picks another with it).
+        visible_from: optional (b g, m) int64: query ``i`` sees key ``j`` of its group only if
+            ``i >= visible_from[.., j]`` (causal attention).
+        null_k, null_v: optional (b, h, e, d) keys and values every query sees, without position
+            bias; needed whenever ``visible_from`` can hide every key from a query.
 
     Returns:
         (b, h, n, d).
@@ -96,7 +103,7 @@ def biased_attention(
         return piecewise_biased_attention(
             q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,
             query_grid=coordinates.grid, table=table, log_distance=log_distance, scale=scale, chunk=plan.chunk,
-            key_padding=key_padding,
+            key_padding=key_padding, visible_from=visible_from, null_k=null_k, null_v=null_v,
         )
     if plan.kernel == "scan":
         if position_bias is not None and table is None:
@@ -104,7 +111,7 @@ def biased_attention(
         return scan_biased_attention(
             q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,
             query_grid=coordinates.grid, table=table, log_distance=log_distance, scale=scale,
-            chunk=plan.chunk, key_padding=key_padding,
+            chunk=plan.chunk, key_padding=key_padding, visible_from=visible_from, null_k=null_k, null_v=null_v,
         )
     if plan.kernel != "sdpa":
         raise ValueError(f"plan.kernel: expected 'piecewise', 'sdpa' or 'scan', got {plan.kernel!r}")
@@ -115,4 +122,5 @@ def biased_attention(
     return sdpa_biased_attention(
         q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,
         position_bias=bias_function, scale=scale, chunk=plan.chunk, key_padding=key_padding, dropout_p=dropout_p,
+        visible_from=visible_from, null_k=null_k, null_v=null_v,
     )

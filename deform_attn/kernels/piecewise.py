@@ -28,9 +28,17 @@ The attention itself is computed chunk by chunk along the queries with a hand-wr
 caches. Pair tensors are laid out (heads, keys, queries): the prefix sums then run along the
 contiguous axis, where they are fast.
 
+**Causal mode.** Key :math:`j` of row ``r`` may be hidden from the queries before
+``visible_from[r, j]``: its logits there are :math:`-\infty` (set in the chunk's logits, like key
+padding). Null keys, always visible and without position bias (logit ``q . null_k * scale``),
+join the softmax of every query: in the forward pass their logits enter the maximum,
+the sum and the output, so the log-sum-exp saved for the backward pass covers them, and the
+backward pass adds their terms of the softmax gradient to ``grad_q``. They are kept apart from
+the (keys x queries) buffers, as (b h, e', c) logits per chunk.
+
 Axis letters: b batch, g offset groups, o heads per group (h = g o), n queries, m keys, c queries
-of one chunk, d channels per head, k kinks, e events (key, kink crossings inside the sequence).
-A "row" is one (sequence, offset group): rows = b g.
+of one chunk, d channels per head, k kinks, e events (key, kink crossings inside the sequence),
+e' null keys. A "row" is one (sequence, offset group): rows = b g.
 
 Buffer layout, used throughout: per-pair buffers of a chunk are (rows, o, m, c), flattened in that
 order; a key is addressed by ``row * m + key`` (its "key index"); an event by its flat index into
@@ -47,6 +55,7 @@ from torch import Tensor
 
 from ..geometry import QueryGrid
 from ..position_bias import PiecewiseLinearTable, inverse_transform_distance, transform_distance
+from .sdpa import check_causal_arguments
 
 __all__ = ["piecewise_biased_attention", "kink_crossings"]
 
@@ -131,11 +140,13 @@ class _ChunkTerms(NamedTuple):
     pair_slopes: Tensor  # (rows, o, m, c) slope of every pair
     t: Tensor  # (rows, m, c) the position bias's input
     magnitude: Tensor | None  # (rows, m, c) |d|, kept for the backward of the log distance
-    logits: Tensor  # (b h, m, c) q k^T * scale + bias (+ -inf at padded keys)
+    logits: Tensor  # (b h, m, c) q k^T * scale + bias (+ -inf at padded and hidden keys)
+    null_logits: Tensor | None  # (b h, e', c) q null_k^T * scale, or None without null keys
 
 
 def _chunk_logits(
-    events, slopes, intercepts, query_coordinates, key_coordinates, q_rows, k_rows, key_padding, scale, keep_magnitude
+    events, slopes, intercepts, query_coordinates, key_coordinates, q_rows, k_rows, key_padding, scale, keep_magnitude,
+    visible_from=None, null_k_rows=None,
 ) -> Iterator[_ChunkTerms]:
     """Walk the query chunks in order and yield each chunk's :class:`_ChunkTerms`.
 
@@ -144,6 +155,8 @@ def _chunk_logits(
     carries across chunks.
     """
     rows, cells, outputs = events.rows, events.cells, events.outputs
+    if visible_from is not None:
+        query_index = torch.arange(events.length, device=visible_from.device)
     buffer = q_rows.new_empty(2, rows * outputs * cells * events.chunk)
     steps = torch.stack([slopes.diff(dim=0), intercepts.diff(dim=0)])  # (2, k, o) step at each kink
     interval = events.first_interval.clone()  # (rows, m), exact
@@ -168,41 +181,59 @@ def _chunk_logits(
         logits = coefficients[1].addcmul_(coefficients[0], t[:, None]).view(-1, cells, width)
         if key_padding is not None:
             logits.view(key_padding.shape[0], -1, cells, width).masked_fill_(key_padding[:, None, :, None], -math.inf)
+        if visible_from is not None:  # key j is hidden from the queries i < visible_from[row, j]
+            hidden = visible_from[:, None, :, None] > query_index[start : start + width]  # (rows, 1, m, c)
+            logits.view(rows, outputs, cells, width).masked_fill_(hidden, -math.inf)
         queries = q_rows[:, start : start + width]  # (b h, c, d)
         logits.baddbmm_(k_rows, queries.transpose(1, 2), alpha=scale)
-        yield _ChunkTerms(start, width, part, targets, coefficients[0], t, magnitude, logits)
+        null_logits = None
+        if null_k_rows is not None:  # (b h, e', c), no position bias
+            null_logits = torch.bmm(null_k_rows, queries.transpose(1, 2)).mul_(scale)
+        yield _ChunkTerms(start, width, part, targets, coefficients[0], t, magnitude, logits, null_logits)
         interval += torch.bincount(events.key_index[part], minlength=rows * cells).view(rows, cells)
 
 
 class _PiecewiseBiasedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_coordinates, kinks, slopes, intercepts, query_coordinates, query_grid, log_distance,
-                scale, chunk, key_padding):
+                scale, chunk, key_padding, visible_from, null_k, null_v):
         batch, heads, length, _ = q.shape
         outputs = slopes.shape[1]
         events = _Events(key_coordinates.detach(), kinks, length, chunk, query_grid, log_distance, outputs)
 
         q_rows, k_rows, v_rows = (t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (q, k, v))
+        null_k_rows = null_v_rows = None
+        if null_k is not None:
+            null_k_rows, null_v_rows = (t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (null_k, null_v))
         out = torch.empty_like(q)
         out_rows = out.view(batch * heads, length, -1)  # (b h, n, d)
         log_sum_exp = q_rows.new_empty(batch * heads, length)
         chunks = _chunk_logits(
-            events, slopes, intercepts, query_coordinates, key_coordinates, q_rows, k_rows, key_padding, scale, False
+            events, slopes, intercepts, query_coordinates, key_coordinates, q_rows, k_rows, key_padding, scale, False,
+            visible_from, null_k_rows,
         )
         for terms in chunks:
-            start, width, scores = terms.start, terms.width, terms.logits
+            start, width, scores, null_scores = terms.start, terms.width, terms.logits, terms.null_logits
             # softmax over the keys (dim 1); the normalisation is applied to the (d, c) output
             peak = scores.amax(dim=1, keepdim=True)
+            if null_scores is not None:  # finite even where every sampled key is hidden
+                peak = torch.maximum(peak, null_scores.amax(dim=1, keepdim=True))
             weights = scores.sub_(peak).exp_()
             total = weights.sum(dim=1, keepdim=True)  # (b h, 1, c)
-            chunk_out = torch.bmm(v_rows.transpose(1, 2), weights).div_(total)  # (b h, d, c)
+            chunk_out = torch.bmm(v_rows.transpose(1, 2), weights)  # (b h, d, c)
+            if null_scores is not None:
+                null_weights = null_scores.sub_(peak).exp_()  # (b h, e', c)
+                total += null_weights.sum(dim=1, keepdim=True)
+                chunk_out.baddbmm_(null_v_rows.transpose(1, 2), null_weights)
+            chunk_out.div_(total)
             out_rows[:, start : start + width] = chunk_out.transpose(1, 2)
             log_sum_exp[:, start : start + width] = (peak + total.log()).squeeze(1)
 
         ctx.scale = scale
         ctx.events = events
         ctx.save_for_backward(
-            q, k, v, key_coordinates, kinks, slopes, intercepts, query_coordinates, key_padding, out, log_sum_exp
+            q, k, v, key_coordinates, kinks, slopes, intercepts, query_coordinates, key_padding, out, log_sum_exp,
+            visible_from, null_k, null_v,
         )
         return out
 
@@ -213,9 +244,8 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
                 "the piecewise attention kernel cannot be differentiated twice; use DeformableAttention1D("
                 "implementation=Implementation(kernel='sdpa', position_bias='mlp')) for higher derivatives"
             )
-        q, k, v, key_coordinates, kinks, slopes, intercepts, query_coordinates, key_padding, out, log_sum_exp = (
-            ctx.saved_tensors
-        )
+        (q, k, v, key_coordinates, kinks, slopes, intercepts, query_coordinates, key_padding, out, log_sum_exp,
+         visible_from, null_k, null_v) = ctx.saved_tensors
         scale, events = ctx.scale, ctx.events
         chunk = events.chunk
         batch, heads, length, _ = q.shape
@@ -225,6 +255,10 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
         q_rows, k_rows, v_rows = (t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (q, k, v))
         grad_rows = grad_out.reshape(batch * heads, length, -1)
         grad_q, grad_k, grad_v = torch.empty_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
+        null_k_rows = null_v_rows = grad_null_k = grad_null_v = None
+        if null_k is not None:
+            null_k_rows, null_v_rows = (t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (null_k, null_v))
+            grad_null_k, grad_null_v = torch.zeros_like(null_k_rows), torch.zeros_like(null_v_rows)
         # D_i = sum_d dO * O: the softmax backward's row term
         row_term = (grad_rows * out.view_as(grad_rows)).sum(-1)  # (b h, n)
         grad_key_coordinates = torch.zeros_like(key_coordinates)
@@ -233,7 +267,8 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
         event_prefix = q_rows.new_empty(2, events.key_index.shape[0] * outputs)
         prefix_buffer = q_rows.new_empty(2, rows * outputs * cells * chunk)
         chunks = _chunk_logits(
-            events, slopes, intercepts, query_coordinates, key_coordinates, q_rows, k_rows, key_padding, scale, True
+            events, slopes, intercepts, query_coordinates, key_coordinates, q_rows, k_rows, key_padding, scale, True,
+            visible_from, null_k_rows,
         )
         for terms in chunks:
             start, width, part, targets = terms.start, terms.width, terms.events, terms.targets
@@ -245,7 +280,15 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
             # dS = P * (dP - D), dP = V dO^T
             grad_scores = torch.bmm(v_rows, grad_chunk.transpose(1, 2))
             grad_scores.sub_(row_term[:, None, start:stop]).mul_(weights)  # (b h, m, c) = d loss / d bias
-            grad_q[:, start:stop] = torch.bmm(grad_scores.transpose(1, 2), k_rows).mul_(scale)
+            chunk_grad_q = torch.bmm(grad_scores.transpose(1, 2), k_rows)  # (b h, c, d)
+            if null_k_rows is not None:  # the null keys' share of the softmax, as for the sampled keys
+                null_weights = terms.null_logits.sub_(log_sum_exp[:, None, start:stop]).exp_()  # (b h, e', c)
+                grad_null_v.baddbmm_(null_weights, grad_chunk)
+                grad_null_scores = torch.bmm(null_v_rows, grad_chunk.transpose(1, 2))
+                grad_null_scores.sub_(row_term[:, None, start:stop]).mul_(null_weights)
+                chunk_grad_q.baddbmm_(grad_null_scores.transpose(1, 2), null_k_rows)
+                grad_null_k.baddbmm_(grad_null_scores, queries, alpha=scale)
+            grad_q[:, start:stop] = chunk_grad_q.mul_(scale)
             grad_k.baddbmm_(grad_scores, queries, alpha=scale)
 
             grad_bias = grad_scores.view(rows, outputs, cells, width)
@@ -282,10 +325,12 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
             grad_tables.append(grad_table.view_as(slopes))
         grad_slopes, grad_intercepts = grad_tables
 
+        if null_k is not None:
+            grad_null_k, grad_null_v = grad_null_k.view(null_k.shape), grad_null_v.view(null_v.shape)
         shape = q.shape
         return (
             grad_q.view(shape), grad_k.view(k.shape), grad_v.view(v.shape), grad_key_coordinates,
-            None, grad_slopes, grad_intercepts, None, None, None, None, None, None,
+            None, grad_slopes, grad_intercepts, None, None, None, None, None, None, None, grad_null_k, grad_null_v,
         )
 
 
@@ -338,8 +383,15 @@ def piecewise_biased_attention(
     scale: float,
     chunk: int,
     key_padding: Tensor | None = None,
+    visible_from: Tensor | None = None,
+    null_k: Tensor | None = None,
+    null_v: Tensor | None = None,
 ) -> Tensor:
     """``softmax(q k^T * scale + bias) v`` with ``bias[h, i, j] = f_h(t(u_i - w_j))``, ``f`` piecewise linear.
+
+    With null keys, the softmax of every query runs over the m keys and then the e' null keys,
+    whose logits are ``q null_k^T * scale`` (no position bias, never hidden or padded), and the
+    output is the weights times ``[v; null_v]``.
 
     Args:
         q: (b, h, n, d) queries.
@@ -355,15 +407,22 @@ def piecewise_biased_attention(
         scale: factor on ``q k^T``.
         chunk: queries per chunk.
         key_padding: optional (b, m) bool, True where a key does not exist.
+        visible_from: optional (b g, m) int64, causal visibility: query ``i`` sees key ``j`` of
+            row ``r`` (sequence, offset group) iff ``i >= visible_from[r, j]`` (``<= 0``: every
+            query, ``>= n``: none). Not differentiable. ``None``: every key is visible.
+        null_k, null_v: optional (b, h, e', d) null keys and values, both or neither, seen by
+            every query. Pass them whenever ``visible_from`` (with ``key_padding``) can hide every
+            key from a query: a query that sees no key at all has an undefined output (NaN).
 
     Returns:
-        (b, h, n, d). Differentiable once in ``q``, ``k``, ``v``, ``key_coordinates`` and the
-        table's slopes and intercepts.
+        (b, h, n, d). Differentiable once in ``q``, ``k``, ``v``, ``key_coordinates``, the
+        table's slopes and intercepts, ``null_k`` and ``null_v``.
     """
     kinks, slopes, intercepts = table
     _check_arguments(q, k, v, key_coordinates, query_coordinates, kinks, slopes, intercepts, query_grid, chunk, key_padding)
+    check_causal_arguments(q, key_coordinates, visible_from, null_k, null_v)
     grid = QueryGrid(float(query_grid[0]), float(query_grid[1]))
     return _PiecewiseBiasedAttention.apply(
         q, k, v, key_coordinates, kinks, slopes, intercepts, query_coordinates, grid, bool(log_distance),
-        float(scale), int(chunk), key_padding,
+        float(scale), int(chunk), key_padding, visible_from, null_k, null_v,
     )

@@ -92,6 +92,9 @@ def scan_biased_attention(
     scale: float,
     chunk: int,
     key_padding: Tensor | None = None,
+    visible_from: Tensor | None = None,
+    null_k: Tensor | None = None,
+    null_v: Tensor | None = None,
 ) -> Tensor:
     """``softmax(q k^T * scale + bias) v``, chunk by chunk of queries inside one traced scan.
 
@@ -107,6 +110,8 @@ def scan_biased_attention(
         scale: factor on ``q k^T``.
         chunk: queries per scan step.
         key_padding: optional (b, m) bool, True where a key does not exist.
+        visible_from: optional (b g, m) int64, the first query that sees each key (causal).
+        null_k, null_v: optional (b, h, e, d) keys and values every query sees, without bias.
 
     Returns:
         (b, h, n, d).
@@ -137,6 +142,11 @@ def scan_biased_attention(
     padding = None
     if key_padding is not None:  # (b, 1, 1, m) -> (b h, 1, m)
         padding = padding_bias(key_padding, q.dtype).expand(-1, heads, -1, -1).flatten(0, 1)
+    visible_rows = None
+    if visible_from is not None:  # (b g, m) -> (b h, 1, m)
+        visible_rows = visible_from.unflatten(0, (batch, groups))[:, head_group].flatten(0, 1)[:, None, :]
+    null_k_rows, null_v_rows = (None, None) if null_k is None else (null_k.flatten(0, 1), null_v.flatten(0, 1))
+    offsets_in_chunk = torch.arange(chunk, device=q.device)[None, :, None]  # (1, c, 1)
 
     def attend(carry: Tensor, step: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         q_chunk, u_chunk, first_query = step  # (c, b h, d), (c,), (1,)
@@ -148,8 +158,17 @@ def scan_biased_attention(
             scores = scores + bias.transpose(1, 2)
         if padding is not None:
             scores = scores + padding
+        if visible_rows is not None:  # query first_query + c sees key j from visible_from[j] on
+            scores = scores.masked_fill(first_query + offsets_in_chunk < visible_rows, float("-inf"))
         # softmax(q k^T * scale + bias) v spelled out: ONNX's SDPA decomposition fails in a scan body
-        out = torch.matmul(scores.softmax(-1), v_rows)  # (b h, c, d)
+        if null_k_rows is None:
+            out = torch.matmul(scores.softmax(-1), v_rows)  # (b h, c, d)
+        else:  # the null keys join the softmax with their plain logits (one normaliser for both)
+            null_scores = torch.matmul(q_chunk.transpose(0, 1) * scale, null_k_rows.transpose(1, 2))  # (b h, c, e)
+            peak = torch.maximum(scores.amax(-1, keepdim=True), null_scores.amax(-1, keepdim=True))
+            key_weights, null_weights = (scores - peak).exp(), (null_scores - peak).exp()
+            total = key_weights.sum(-1, keepdim=True) + null_weights.sum(-1, keepdim=True)
+            out = (torch.matmul(key_weights, v_rows) + torch.matmul(null_weights, null_v_rows)) / total
         # a scan body may not return its input itself, hence the clone
         return carry.clone(), out.transpose(0, 1)  # (c, b h, d)
 
