@@ -34,6 +34,7 @@ class FullAttention1D(nn.Module):
             (local attention); ``None`` (default) attends to all tokens.
         batch_first: take and return (batch, n, dim) instead of (batch, dim, n), as
             :class:`deform_attn.DeformableAttention1D` does.
+        causal: query ``i`` attends to keys ``0..i`` only (with ``window``: ``i - window..i``).
 
     Forward:
         x: (batch, dim, n), or (batch, n, dim) with ``batch_first``.
@@ -42,12 +43,12 @@ class FullAttention1D(nn.Module):
     """
 
     def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8, window: int | None = None,
-                 batch_first: bool = False):
+                 batch_first: bool = False, causal: bool = False):
         super().__init__()
         dim, dim_head, heads = (_positive_int(n, v) for n, v in (("dim", dim), ("dim_head", dim_head), ("heads", heads)))
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
             raise ValueError(f"window: expected None or a non-negative number of tokens, got {window!r}")
-        self.heads, self.window, self.batch_first = heads, window, batch_first
+        self.heads, self.window, self.batch_first, self.causal = heads, window, batch_first, causal
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim)
 
@@ -60,11 +61,16 @@ class FullAttention1D(nn.Module):
         allowed = None
         if mask is not None:
             allowed = mask[:, None, None, :]  # (b, 1, 1, n) keys
-        if self.window is not None:
+        if self.window is not None or (self.causal and allowed is not None):
             index = torch.arange(length, device=x.device)
-            band = (index[:, None] - index[None, :]).abs() <= self.window  # (n, n)
+            offset = index[:, None] - index[None, :]  # (n, n) query - key
+            band = torch.ones_like(offset, dtype=torch.bool) if self.window is None else offset.abs() <= self.window
+            if self.causal:
+                band = band & (offset >= 0)
             allowed = band[None, None] if allowed is None else allowed & band[None, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        # no mask at all: the fused kernel's own causal path
+        is_causal = self.causal and allowed is None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal)
         out = self.to_out(out.transpose(1, 2).reshape(batch, length, -1))
         if mask is not None:
             out = out * mask[..., None].to(out.dtype)

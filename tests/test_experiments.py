@@ -858,3 +858,59 @@ def test_recipes_command_on_a_micro_tuning_run(tmp_path, capsys):
     assert set(frozen) == {"adding"} and frozen["adding"]["candidate"] in {"c0", "c1"}
     assert set(frozen["adding"]["candidates"]) == {"c0", "c1"}
     assert "adding:" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- the autoregressive task
+
+
+def test_text_task_targets_are_the_next_characters_and_the_test_windows_do_not_depend_on_the_seed():
+    first = tasks.make_task("text", {"length": 32, "num_train": 50, "num_test": 10}, seed=0)
+    second = tasks.make_task("text", {"length": 32, "num_train": 50, "num_test": 10}, seed=1)
+    assert first.kind == "language_model" and first.train.x.shape == first.train.y.shape == (50, 32)
+    assert torch.equal(first.train.x[:, 1:], first.train.y[:, :-1])  # y is x shifted by one
+    assert torch.equal(first.test.x, second.test.x) and not torch.equal(first.train.x, second.train.x)
+    assert first.vocab_size == first.num_classes == len(tasks.TEXT_ALPHABET) + 2
+    assert 3.0 < first.baseline["test_bits_per_char"] < 6.0  # a unigram model of English text
+
+
+@pytest.mark.parametrize("attention", grid.CAUSAL_VARIANTS)
+def test_causal_language_models_never_see_the_future(attention):
+    torch.manual_seed(0)
+    config = ModelConfig(attention=attention, dim=16, depth=2, heads=2, dim_head=8, window=3)
+    model = models.build_model(config, num_outputs=11, vocab_size=11, per_token=True).double().eval()
+    x = torch.randint(1, 11, (2, 29))
+    changed = x.clone()
+    changed[:, 17:] = torch.randint(1, 11, (2, 12))
+    with torch.no_grad():
+        before, after = model(x), model(changed)
+    assert before.shape == (2, 29, 11)
+    assert (before[:, :17] - after[:, :17]).abs().max().item() <= 1e-12
+    assert (before[:, 17:] - after[:, 17:]).abs().max().item() > 1e-6
+
+
+def test_causal_full_attention_equals_an_explicit_lower_triangular_mask():
+    from deform_attn.baselines import FullAttention1D
+
+    torch.manual_seed(0)
+    causal = FullAttention1D(dim=8, dim_head=4, heads=2, batch_first=True, causal=True)
+    x = torch.randn(2, 9, 8)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    q, k, v = causal.to_qkv(x).view(2, 9, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    allowed = torch.tril(torch.ones(9, 9, dtype=torch.bool))[None, None] & mask[:, None, None, :]
+    expected = causal.to_out(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).transpose(1, 2).reshape(2, 9, 8))
+    torch.testing.assert_close(causal(x, mask), expected * mask[..., None])
+    torch.testing.assert_close(causal(x)[0], causal(x, mask)[0])
+
+
+def test_language_model_runs_record_bits_per_character(tmp_path):
+    from deform_attn.experiments.runner import main
+
+    out = tmp_path / "causal.jsonl"
+    assert main(["run", "--preset", "micro_causal", "--out", str(out), "--quiet"]) == 0
+    written = [schema.Record.from_dict(r) for r in records.read_records(out)]
+    assert {r.attention for r in written} == set(grid.CAUSAL_VARIANTS) and len(written) == 8
+    for record in written:
+        assert record.primary_metric == "test_bits_per_char" and record.higher_is_better is False
+        assert record.metric() == pytest.approx(sum(record.test_outcomes) / len(record.test_outcomes))
+        assert "validation_bits_per_char" in record.validation_metrics

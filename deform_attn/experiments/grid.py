@@ -33,12 +33,15 @@ from .train import TrainConfig
 from .variants import ATTENTION_VARIANTS
 
 __all__ = [
-    "Run", "PRESETS", "MAIN_VARIANTS", "TUNED_VARIANTS", "AXES", "CANDIDATES", "build_grid", "parse_shard", "shard",
+    "Run", "PRESETS", "MAIN_VARIANTS", "TUNED_VARIANTS", "CAUSAL_VARIANTS", "AXES", "CANDIDATES", "build_grid", "parse_shard", "shard",
     "config_hash",
 ]
 
 # the published comparison, so listed here rather than derived: registering a variant must not change it
 MAIN_VARIANTS: tuple[str, ...] = ("deformable", "downsampled", "full", "bug018")
+
+# the autoregressive comparison: causal deformable, offsets off, full, and a local window
+CAUSAL_VARIANTS: tuple[str, ...] = ("causal_deformable", "causal_downsampled", "causal_full", "causal_local")
 
 # the variants whose mean validation metric scores a candidate recipe: the layer, the layer with
 # its offsets off, and full attention, so that no single variant's taste picks the recipe
@@ -118,6 +121,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "variants": list(TUNED_VARIANTS),
         "candidates": list(CANDIDATES[:2]),
     },
+    "micro_causal": {
+        "threads": 1,
+        "seeds": [0, 1],
+        "model": {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "mlp_ratio": 1, "window": 4},
+        "tasks": {
+            "text": {"params": {"length": 24, "num_train": 64, "num_test": 4}, "train": {"steps": 3, "batch_size": 4, "warmup": 1}},
+        },
+        "variants": list(CAUSAL_VARIANTS),
+    },
     "micro": {
         "threads": 1,
         "seeds": [0, 1],
@@ -179,6 +191,17 @@ PRESETS: dict[str, dict[str, Any]] = {
             "osuleaf": {"params": {}, "train": {"steps": 800, "batch_size": 16, "warmup": 40}, "folds": 4},
         },
         "variants": list(TUNED_VARIANTS),
+        "candidates": list(CANDIDATES),
+    },
+    # The causal task's recipe search: character-level modelling of Python's help text, scored by
+    # the three causal variants that mirror TUNED_VARIANTS. About 45 core-minutes.
+    "tune_causal": {
+        "threads": 1,
+        "seeds": [0],
+        "model": {"dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "mlp_ratio": 2, "window": 16},
+        "tasks": {"text": {"params": {"length": 256, "num_train": 20_000, "num_test": 160},
+                           "train": {"steps": 2000, "batch_size": 32, "warmup": 100}}},
+        "variants": list(CAUSAL_VARIANTS[:3]),
         "candidates": list(CANDIDATES),
     },
     "gpu": {

@@ -120,11 +120,13 @@ class Encoder(nn.Module):
         num_outputs: classes, or 1 for regression (the head then returns (batch,)).
         vocab_size: token ids (0 = padding) for token input; or
         in_channels: channels of continuous input (batch, n, channels).
+        per_token: no pooling: the head predicts at every token (language models, with a
+            causal attention variant).
 
     Forward:
         x: (batch, n) int64 tokens or (batch, n, in_channels) floats; mask: optional (batch, n)
         bool, True for real tokens, padding at the end. Returns (batch, num_outputs) logits, or
-        (batch,) for a regression head.
+        (batch,) for a regression head; with ``per_token``, (batch, n, num_outputs).
     """
 
     def __init__(
@@ -134,8 +136,10 @@ class Encoder(nn.Module):
         num_outputs: int,
         vocab_size: int | None = None,
         in_channels: int | None = None,
+        per_token: bool = False,
     ):
         super().__init__()
+        self.per_token = per_token
         if (vocab_size is None) == (in_channels is None):
             raise ValueError("Encoder: give exactly one of vocab_size (token input) or in_channels (continuous input)")
         self.config = config
@@ -156,6 +160,8 @@ class Encoder(nn.Module):
         for block in self.blocks:
             h = block(h, mask)
         h = self.norm(h)
+        if self.per_token:
+            return self.head(h)  # (b, n, outputs)
         if mask is None:
             pooled = h.mean(1)
         else:
@@ -165,9 +171,16 @@ class Encoder(nn.Module):
         return out.squeeze(-1) if self.num_outputs == 1 else out
 
 
-def build_model(config: ModelConfig, *, num_outputs: int, vocab_size: int | None = None, in_channels: int | None = None) -> Encoder:
+def build_model(
+    config: ModelConfig,
+    *,
+    num_outputs: int,
+    vocab_size: int | None = None,
+    in_channels: int | None = None,
+    per_token: bool = False,
+) -> Encoder:
     """An :class:`Encoder` for ``config``."""
-    return Encoder(config, num_outputs=num_outputs, vocab_size=vocab_size, in_channels=in_channels)
+    return Encoder(config, num_outputs=num_outputs, vocab_size=vocab_size, in_channels=in_channels, per_token=per_token)
 
 
 def count_parameters(model: nn.Module) -> int:

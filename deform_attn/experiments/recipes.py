@@ -33,9 +33,11 @@ RECIPES_FILE = Path(__file__).resolve().parent / "data" / "recipes.json"
 
 def _validation_metric(record: Record) -> tuple[str, bool]:
     """The validation metric a record is scored by, and whether higher is better."""
-    if record.task_kind == "regression":
-        return "validation_mse", False
-    return "validation_accuracy", True
+    metric, higher = {
+        "regression": ("validation_mse", False),
+        "language_model": ("validation_bits_per_char", False),
+    }.get(record.task_kind, ("validation_accuracy", True))
+    return metric, higher
 
 
 def candidate_scores(records: Iterable[Record | dict[str, Any]], variants: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -79,13 +81,14 @@ def candidate_scores(records: Iterable[Record | dict[str, Any]], variants: Itera
 
 
 def choose_recipes(
-    records: Iterable[Record | dict[str, Any]], *, variants: Iterable[str], allow_dirty: bool = False
+    records: Iterable[Record | dict[str, Any]], *, variants: Iterable[str] | None = None, allow_dirty: bool = False
 ) -> dict[str, dict[str, Any]]:
     """The best-scoring complete candidate of every task, with its recipe and all the scores.
 
     Args:
         records: the tuning records.
-        variants: the variants whose mean validation metric scores a candidate.
+        variants: the variants whose mean validation metric scores a candidate; ``None``: every
+            variant found in a task's tuning records (the tuning preset's variants).
         allow_dirty: also use records from a modified or unknown checkout.
 
     Returns:
@@ -102,16 +105,17 @@ def choose_recipes(
     dirty = sorted({str(r.git_commit) for r in tuning if is_dirty_commit(r.git_commit)})
     if dirty and not allow_dirty:
         raise ValueError(f"records: {len(dirty)} commit(s) are modified or unknown ({dirty}); pass allow_dirty=True")
-    variants = tuple(variants)
-    scores = candidate_scores(tuning, variants)
     chosen: dict[str, dict[str, Any]] = {}
-    for task, by_candidate in scores.items():
+    for task in sorted({r.task for r in tuning}):
+        task_records = [r for r in tuning if r.task == task]
+        task_variants = tuple(variants) if variants is not None else tuple(sorted({r.attention for r in task_records}))
+        by_candidate = candidate_scores(task_records, task_variants).get(task, {})
         complete = {name: entry for name, entry in by_candidate.items() if entry["complete"] and entry["score"] is not None}
         if not complete:
             continue
         higher = next(iter(complete.values()))["higher_is_better"]
         best = (max if higher else min)(complete, key=lambda name: complete[name]["score"])
-        example = next(r for r in tuning if r.task == task and r.candidate == best and r.attention == variants[0])
+        example = next(r for r in task_records if r.candidate == best and r.attention == task_variants[0])
         model = {key: value for key, value in example.config["model"].items() if key != "attention"}
         train = dict(example.config["train"])
         train.pop("validation_fold", None)  # the main runs keep the default fold
@@ -125,6 +129,7 @@ def choose_recipes(
             "model": model,
             "train": train,
             "candidates": by_candidate,
+            "variants": list(task_variants),
             "git_commits": sorted({str(r.git_commit) for r in tuning if r.task == task}),
         }
     if not chosen:

@@ -89,7 +89,7 @@ def run_grid(
     from .records import append_record
     from .schema import ENVIRONMENT_FIELDS, SCHEMA_VERSION, Record
     from .tasks import make_task
-    from .train import resolve_device, train_and_evaluate
+    from .train import primary_metric, resolve_device, train_and_evaluate
 
     runs = build_grid(preset, seeds=seeds, tasks=tasks)
     if shard_spec is not None:
@@ -114,7 +114,7 @@ def run_grid(
             data = make_task(run.task, dict(run.task_params), run.seed)
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         result = train_and_evaluate(data, run.model, run.train, seed=run.seed, device=target, progress=False)
-        primary = "test_mse" if data.kind == "regression" else "test_accuracy"
+        primary, higher_is_better = primary_metric(data.kind)
         record = Record(
             schema=SCHEMA_VERSION,
             key=run.key,
@@ -132,7 +132,7 @@ def run_grid(
             command=command,
             candidate=run.candidate,
             primary_metric=primary,
-            higher_is_better=primary != "test_mse",
+            higher_is_better=higher_is_better,
             metrics=result["metrics"],
             validation_metrics=result["validation"],
             learning_curve=result["learning_curve"],
@@ -303,11 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
         return 0
     if args.command == "recipes":
-        from .grid import TUNED_VARIANTS
         from .recipes import RECIPES_FILE, choose_recipes, write_recipes
         from .records import read_records
 
-        chosen = choose_recipes(read_records(args.inputs), variants=TUNED_VARIANTS, allow_dirty=args.allow_dirty)
+        # every task is scored by the variants its tuning preset trained
+        chosen = choose_recipes(read_records(args.inputs), allow_dirty=args.allow_dirty)
         for task, recipe in chosen.items():
             print(f"{task}: {recipe['candidate']} ({recipe['metric']} {recipe['score']:.4f})")
             for name, entry in recipe["candidates"].items():

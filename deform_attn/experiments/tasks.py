@@ -56,6 +56,9 @@ __all__ = [
     "mnist1d",
     "osuleaf",
     "osuleaf_path",
+    "text",
+    "help_text",
+    "TEXT_ALPHABET",
 ]
 
 
@@ -112,7 +115,7 @@ def _trivial_baseline(kind: str, y_train: Tensor, y_test: Tensor) -> dict[str, f
 
 # ---------------------------------------------------------------------------- the registry
 
-TASK_KINDS: tuple[str, ...] = ("classification", "regression")
+TASK_KINDS: tuple[str, ...] = ("classification", "regression", "language_model")
 TaskBuilder = Callable[..., TaskData]
 
 
@@ -442,6 +445,77 @@ def mnist1d(*, upsample: int = 1, frame: int | None = None, seed: int = 0) -> Ta
         in_channels=1,
         baseline=_trivial_baseline("classification", train.y, test.y),
         reference={"cnn_accuracy": 0.94, "gru_accuracy": 0.91},
+    )
+
+
+# ---------------------------------------------------------------------------- character-level text
+
+# ids: 0 padding, 1 any character outside the alphabet, then tab, newline and printable ASCII
+TEXT_ALPHABET = "\t\n" + "".join(chr(code) for code in range(32, 127))
+
+
+def help_text() -> str:
+    """Python's own help topics (``pydoc_data.topics``, shipped with CPython), joined in key order.
+
+    About 460,000 characters of English prose and code examples, installed with every Python, so
+    the task needs no download. The text follows the running Python's version; records keep its
+    SHA-256 in ``reference`` so runs on different versions can be told apart.
+    """
+    from pydoc_data.topics import topics
+
+    return "".join(topics[key] for key in sorted(topics))
+
+
+def _encode_text(text: str) -> np.ndarray:
+    index = {character: position + 2 for position, character in enumerate(TEXT_ALPHABET)}
+    return np.fromiter((index.get(character, 1) for character in text), dtype=np.int64, count=len(text))
+
+
+@register_task(
+    "text", kind="language_model", default_train={"steps": 2000, "batch_size": 32, "warmup": 100},
+    default_params={"length": 256, "num_train": 20_000, "num_test": 160},
+)
+def text(*, length: int = 256, num_train: int = 20_000, num_test: int = 160, seed: int = 0) -> TaskData:
+    """Character-level language modelling of Python's help text (:func:`help_text`).
+
+    The first 90% of the text is for training: ``num_train`` windows of ``length + 1`` characters
+    at offsets drawn from ``seed``; the last 10% is for testing: up to ``num_test`` consecutive,
+    non-overlapping windows, the same for every seed. A window's input is its first ``length``
+    characters and its target the next character at every position, so a causal model predicts
+    each character from the ones before it. Metric: bits per character (cross-entropy / ln 2).
+    Trivial predictor: the training text's character frequencies (a unigram model).
+    """
+    import hashlib
+
+    if length < 2:
+        raise ValueError(f"length: expected at least 2 characters, got {length}")
+    raw = help_text()
+    ids = _encode_text(raw)
+    boundary = int(len(ids) * 0.9)
+    train_ids, test_ids = ids[:boundary], ids[boundary:]
+    rng = np.random.default_rng([seed, 0x7E47])
+    starts = rng.integers(0, len(train_ids) - length - 1, num_train)
+    windows = np.stack([train_ids[start : start + length + 1] for start in starts])
+    test_count = min(num_test, (len(test_ids) - 1) // length)
+    test_windows = np.stack([test_ids[i * length : i * length + length + 1] for i in range(test_count)])
+
+    def split(rows: np.ndarray) -> Split:
+        rows_t = torch.from_numpy(rows)
+        return Split(rows_t[:, :-1].contiguous(), rows_t[:, 1:].contiguous(), torch.full((rows.shape[0],), length))
+
+    vocabulary = len(TEXT_ALPHABET) + 2
+    frequencies = np.bincount(train_ids, minlength=vocabulary).astype(np.float64) + 1.0  # add-one smoothing
+    probabilities = frequencies / frequencies.sum()
+    unigram_bits = float(-np.log2(probabilities[test_windows[:, 1:]]).mean())
+    return TaskData(
+        name="text",
+        kind="language_model",
+        train=split(windows),
+        test=split(test_windows),
+        num_classes=vocabulary,
+        vocab_size=vocabulary,
+        baseline={"test_bits_per_char": unigram_bits},
+        reference={"text_sha256_prefix": int(hashlib.sha256(raw.encode()).hexdigest()[:12], 16), "characters": len(raw)},
     )
 
 

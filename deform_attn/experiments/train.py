@@ -24,7 +24,7 @@ from .config import RecordedConfig
 from .models import ModelConfig, build_model, count_parameters
 from .tasks import Split, TaskData
 
-__all__ = ["TrainConfig", "train_and_evaluate", "resolve_device", "validation_split", "evaluate"]
+__all__ = ["TrainConfig", "train_and_evaluate", "resolve_device", "validation_split", "evaluate", "primary_metric"]
 
 # examples whose fold is drawn by this fixed generator, so every seed and variant share the fold
 _FOLD_SEED = 0x5EED
@@ -122,8 +122,21 @@ def _batch(split: Split, index: Tensor, device: torch.device) -> tuple[Tensor, T
     return x, mask, y
 
 
+def primary_metric(kind: str) -> tuple[str, bool]:
+    """The test metric tables report for a task kind, and whether higher is better."""
+    return {
+        "classification": ("test_accuracy", True),
+        "regression": ("test_mse", False),
+        "language_model": ("test_bits_per_char", False),
+    }[kind]
+
+
 def _loss(kind: str, output: Tensor, y: Tensor) -> Tensor:
-    return F.mse_loss(output.float(), y) if kind == "regression" else F.cross_entropy(output.float(), y)
+    if kind == "regression":
+        return F.mse_loss(output.float(), y)
+    if kind == "language_model":  # (b, n, vocab) against (b, n): every position predicts its next token
+        return F.cross_entropy(output.float().flatten(0, 1), y.flatten())
+    return F.cross_entropy(output.float(), y)
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
@@ -140,9 +153,11 @@ def evaluate(
     """Metrics of ``model`` on ``split`` and each example's outcome, in the split's order.
 
     Returns:
-        ``{prefix_accuracy, prefix_loss}`` (classification) or ``{prefix_mse}`` (regression), and
-        per example: 1.0/0.0 for correct/wrong, or the squared error. The outcomes pair examples
-        across variants and seeds for the hierarchical bootstrap.
+        ``{prefix_accuracy, prefix_loss}`` (classification), ``{prefix_mse}`` (regression) or
+        ``{prefix_bits_per_char, prefix_accuracy}`` (language models, over every position), and
+        per example: 1.0/0.0 for correct/wrong, the squared error, or the example's mean bits
+        per character. The outcomes pair examples across variants and seeds for the
+        hierarchical bootstrap.
     """
     was_training = model.training
     model.eval()
@@ -158,12 +173,18 @@ def evaluate(
         if data.kind == "regression":
             squared = (output - y).pow(2).double().cpu()
             outcomes[index], losses[index] = squared, squared
+        elif data.kind == "language_model":  # per example: mean bits per character, and accuracy
+            nats = F.cross_entropy(output.transpose(1, 2), y, reduction="none").mean(1)  # (b,)
+            outcomes[index] = (nats / math.log(2)).double().cpu()
+            losses[index] = (output.argmax(-1) == y).double().mean(1).cpu()
         else:
             outcomes[index] = (output.argmax(-1) == y).double().cpu()
             losses[index] = F.cross_entropy(output, y, reduction="none").double().cpu()
     model.train(was_training)
     if data.kind == "regression":
         return {f"{prefix}_mse": float(losses.mean())}, outcomes.tolist()
+    if data.kind == "language_model":  # windows have equal lengths, so means of means are means
+        return {f"{prefix}_bits_per_char": float(outcomes.mean()), f"{prefix}_accuracy": float(losses.mean())}, outcomes.tolist()
     return {f"{prefix}_accuracy": float(outcomes.mean()), f"{prefix}_loss": float(losses.mean())}, outcomes.tolist()
 
 
@@ -246,6 +267,7 @@ def train_and_evaluate(
         num_outputs=1 if data.kind == "regression" else data.num_classes,
         vocab_size=data.vocab_size,
         in_channels=data.in_channels,
+        per_token=data.kind == "language_model",
     ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, train_config))

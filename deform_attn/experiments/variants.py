@@ -148,7 +148,7 @@ class Bug018DeformableAttention1D(DeformableAttention1D):
 
 
 def deformable_layer(
-    config: ModelConfig, layer_class: type[DeformableAttention1D] = DeformableAttention1D
+    config: ModelConfig, layer_class: type[DeformableAttention1D] = DeformableAttention1D, *, causal: bool = False
 ) -> DeformableAttention1D:
     """The deformable layer that ``config`` describes, (batch, n, dim) in and out.
 
@@ -157,6 +157,7 @@ def deformable_layer(
             ``offset_kernel_size=None`` resolved by :func:`deform_attn.offsets.default_offset_kernel_size`
             and ``position_bias="none"`` applied by removing the bias from the built layer.
         layer_class: the layer or a subclass of it (e.g. :class:`Bug018DeformableAttention1D`).
+        causal: build the causal layer (``causal=True``).
     """
     r = config.downsample_factor
     kernel_size = config.offset_kernel_size if config.offset_kernel_size is not None else default_offset_kernel_size(r)
@@ -171,6 +172,7 @@ def deformable_layer(
         cpb_log_distance=config.cpb_log_distance,
         geometry=config.geometry,
         batch_first=True,
+        causal=causal,
         # training inputs are finite by construction; the check would cost a sync per forward
         implementation=Implementation(check_finite=False),
     )
@@ -259,3 +261,35 @@ class NoTokenMixing(nn.Module):
 def mlp_only(config: ModelConfig) -> nn.Module:
     """Attention-free control: blocks are x + MLP(LN(x)); tokens meet only in the mean pool."""
     return NoTokenMixing()
+
+
+# ---------------------------------------------------------------------------- causal variants
+# For autoregressive tasks: output i may use inputs 0..i only (the model then predicts per token).
+
+
+@register_variant("causal_deformable")
+def causal_deformable(config: ModelConfig) -> nn.Module:
+    """Causal deformable attention: past-only offsets, keys visible once their tokens have arrived."""
+    return DeformableBlockAttention(deformable_layer(config, causal=True))
+
+
+@register_variant("causal_downsampled")
+def causal_downsampled(config: ModelConfig) -> nn.Module:
+    """Causal, offsets off: n / r keys at the fixed window centres, each visible from its cell's end."""
+    layer = deformable_layer(config, causal=True)
+    layer.to_offsets = ZeroOffsets(config.downsample_factor)
+    return DeformableBlockAttention(layer)
+
+
+@register_variant("causal_full")
+def causal_full(config: ModelConfig) -> nn.Module:
+    """Causal multi-head attention over every earlier token."""
+    return FullAttention1D(dim=config.dim, dim_head=config.dim_head, heads=config.heads, batch_first=True, causal=True)
+
+
+@register_variant("causal_local")
+def causal_local(config: ModelConfig) -> nn.Module:
+    """Causal multi-head attention over the config.window tokens before each query (and itself)."""
+    return FullAttention1D(
+        dim=config.dim, dim_head=config.dim_head, heads=config.heads, window=config.window, batch_first=True, causal=True
+    )
