@@ -60,7 +60,9 @@ class CausalStream:
 
     Args:
         layer: a :class:`deform_attn.DeformableAttention1D` with ``causal=True``, in eval mode,
-            with its :class:`deform_attn.OffsetNetwork` (not an ablation's replacement).
+            with its :class:`deform_attn.OffsetNetwork` (not an ablation's replacement). Its
+            weights must not change while the stream runs (the position bias's table is
+            computed once, when the stream is made).
         batch_size: sequences fed side by side (all advance together; no padding mask).
 
     Example::
@@ -91,6 +93,15 @@ class CausalStream:
         self.ready = _Growing(torch.zeros(rows, 0, dtype=torch.bool, device=weight.device))
         self.keys = _Growing(weight.new_zeros(batch_size, heads, layer.dim_head, 0))  # (b, h, d, m)
         self.values = _Growing(weight.new_zeros(batch_size, heads, layer.dim_head, 0))
+        # the position bias, evaluated once: a stream serves fixed weights (eval mode)
+        self.position_bias = layer.bias_for_kernels(self.positions.storage.dtype)
+        if isinstance(self.position_bias, PiecewiseLinearTable):
+            table, log_distance = self.position_bias, layer.position_bias.log_distance
+
+            def bias(distance: Tensor) -> Tensor:
+                return piecewise_linear_bias(distance, table, log_distance)
+
+            self.position_bias = bias
 
     @property
     def cells(self) -> int:
@@ -122,17 +133,10 @@ class CausalStream:
         q = rearrange(queries, "b (h d) n -> b h n d", h=layer.heads)
         keys, values = (t.data.transpose(2, 3) for t in (self.keys, self.values))  # (b, h, m, d)
         query_coordinates = torch.arange(start, self.tokens, device=x.device, dtype=self.positions.data.dtype) / r
-        bias = layer.bias_for_kernels(self.positions.data.dtype)
-        if isinstance(bias, PiecewiseLinearTable):
-            table, log_distance = bias, layer.position_bias.log_distance
-
-            def bias(distance: Tensor) -> Tensor:
-                return piecewise_linear_bias(distance, table, log_distance)
-
         null_k, null_v = (t[None, :, None].expand(self.batch, -1, -1, -1) for t in (layer.null_key, layer.null_value))
         out = sdpa_biased_attention(
             q, keys, values, query_coordinates=query_coordinates, key_coordinates=self.positions.data / r,
-            position_bias=bias, scale=layer.scale, chunk=q.shape[2], visible_from=self.visible_from.data - start,
+            position_bias=self.position_bias, scale=layer.scale, chunk=q.shape[2], visible_from=self.visible_from.data - start,
             null_k=null_k, null_v=null_v,
         )
         out = layer.to_out(rearrange(out, "b h n d -> b (h d) n"))  # (b, dim, c)

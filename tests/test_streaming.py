@@ -79,3 +79,19 @@ def test_stream_arguments():
         stream.step(torch.randn(1, 8, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"^x: expected at least one new token"):
         stream.step(torch.randn(2, 8, 0, dtype=torch.float64))
+
+
+def test_streaming_benchmark_writes_one_row_per_case_and_length(tmp_path):
+    from deform_attn.bench.streaming import STREAMING_CASES, main
+
+    assert main(["--lengths", "16,40", "--dim", "8", "--heads", "2", "--dim-head", "4", "--repeats", "2",
+                 "--warmup", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    import csv
+    import json
+
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [(row["case"], int(row["n"])) for row in rows] == [(c, n) for n in (16, 40) for c in STREAMING_CASES]
+    assert all(0 < float(row["min_s"]) <= float(row["median_s"]) <= float(row["max_s"]) for row in rows)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["command"].startswith("python -m deform_attn.bench.streaming --lengths 16,40")
+    assert "git_commit" in meta["environment"]
