@@ -156,3 +156,11 @@ def test_non_causal_layers_are_unchanged():
     assert not any("null" in name for name in layer.state_dict())
     causal = DeformableAttention1D(dim=8, heads=2, dim_head=4, causal=True)
     assert causal.to_offsets.padding == (2, 0)
+
+
+def test_causal_layers_refuse_the_grid_sample_reference_sampler():
+    """grid_sample's round trip through normalized coordinates gives the token after a whole
+    sample position a weight of ~1e-16 instead of 0: a leak from the future, so it is refused."""
+    layer = causal_layer(implementation=Implementation(sampling="grid_sample"))
+    with pytest.raises(ValueError, match=r"^implementation.sampling: a causal layer samples with 'gather'"):
+        layer(torch.randn(1, 8, 12, dtype=torch.float64))
