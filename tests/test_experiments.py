@@ -401,7 +401,8 @@ def test_a_new_variant_is_one_registered_function(registries, monkeypatch):
 def test_presets_list_only_registered_variants_and_the_main_comparison_is_unchanged(monkeypatch):
     assert grid.MAIN_VARIANTS == ("deformable", "downsampled", "full", "bug018")
     assert set(grid.MAIN_VARIANTS) <= set(variants.ATTENTION_VARIANTS)
-    assert all("mlp_only" not in spec["variants"] for spec in grid.PRESETS.values())
+    # the attention-free control joins only the new main comparison, never the published grids
+    assert [name for name, spec in grid.PRESETS.items() if "mlp_only" in spec["variants"]] == ["main"]
     monkeypatch.setitem(grid.PRESETS, "micro_typo", {**grid.PRESETS["micro"], "variants": ["deformabel"]})
     with pytest.raises(ValueError, match="deformabel"):
         grid.build_grid("micro_typo")
@@ -914,3 +915,28 @@ def test_language_model_runs_record_bits_per_character(tmp_path):
         assert record.primary_metric == "test_bits_per_char" and record.higher_is_better is False
         assert record.metric() == pytest.approx(sum(record.test_outcomes) / len(record.test_outcomes))
         assert "validation_bits_per_char" in record.validation_metrics
+
+
+def _fake_recipes(*tasks_):
+    recipe = {"candidate": "c1", "train": {"steps": 7, "batch_size": 4, "warmup": 1, "lr": 3e-3},
+              "model": {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "dropout": 0.1}, "task_params": {}}
+    return {task: dict(recipe) for task in tasks_}
+
+
+def test_main_presets_train_on_the_frozen_recipes():
+    recipes_ = _fake_recipes("mnist1d", "mnist1d_long", "adding", "listops", "osuleaf", "text")
+    runs = grid.build_grid("main", recipes=recipes_)
+    per_task = [r for r in runs if r.task == "adding"]
+    assert len(per_task) == 5 * 6 + 3  # five variants with 6 seeds, the bug with 3
+    assert {r.seed for r in per_task if r.model.attention == "bug018"} == {0, 1, 2}
+    assert all(r.train.steps == 7 and r.train.lr == 3e-3 and r.model.dropout == 0.1 and r.model.dim == 16 for r in runs)
+    assert all(r.train.validation_folds == 10 and r.train.validation_fold == 0 for r in runs)
+    lengths = grid.build_grid("lengths", recipes=recipes_)
+    assert {r.task for r in lengths} == {"mnist1d", "mnist1d_x4", "mnist1d_x16"}
+    assert dict(next(r for r in lengths if r.task == "mnist1d_x16").task_params) == {"upsample": 16, "frame": 640}
+    assert len(grid.build_grid("causal", recipes=recipes_)) == 4 * 6
+
+
+def test_a_preset_without_its_frozen_recipe_says_how_to_choose_one():
+    with pytest.raises(ValueError, match=r"^preset 'main': no frozen recipe for task 'mnist1d_long'.*--preset tune"):
+        grid.build_grid("main", recipes=_fake_recipes("mnist1d"))

@@ -204,6 +204,49 @@ PRESETS: dict[str, dict[str, Any]] = {
         "variants": list(CAUSAL_VARIANTS[:3]),
         "candidates": list(CANDIDATES),
     },
+    # The main comparison on the frozen recipes (data/recipes.json, chosen on validation data by
+    # 'tune'): every variant with 6 seeds, the <= 0.0.18 bug with 3. About 15 core-hours.
+    "main": {
+        "threads": 1,
+        "seeds": [0, 1, 2, 3, 4, 5],
+        "variant_seeds": {"bug018": [0, 1, 2]},
+        "recipes": "frozen",
+        "model": {"dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "mlp_ratio": 2},
+        "tasks": {"mnist1d": {}, "mnist1d_long": {}, "adding": {}, "listops": {}, "osuleaf": {}},
+        "variants": list(MAIN_VARIANTS) + ["local", "mlp_only"],
+    },
+    # The length axis: MNIST-1D's content stretched 1x, 4x and 16x, on MNIST-1D's frozen recipe.
+    "lengths": {
+        "threads": 1,
+        "seeds": [0, 1, 2],
+        "recipes": "frozen",
+        "model": {"dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "mlp_ratio": 2},
+        "tasks": {
+            "mnist1d": {},
+            "mnist1d_x4": {"recipe_from": "mnist1d", "params": {"upsample": 4, "frame": 160}},
+            "mnist1d_x16": {"recipe_from": "mnist1d", "params": {"upsample": 16, "frame": 640}},
+        },
+        "variants": ["deformable", "downsampled", "full"],
+    },
+    # The axes of the layer, one at a time, on MNIST-1D's frozen recipe.
+    "sweeps": {
+        "threads": 1,
+        "seeds": [0, 1, 2],
+        "recipes": "frozen",
+        "model": {"dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "mlp_ratio": 2},
+        "tasks": {"mnist1d": {}},
+        "variants": ["deformable"],
+        "sweeps": {"mnist1d": list(AXES)},
+    },
+    # The autoregressive comparison on the text task's frozen recipe (chosen by 'tune_causal').
+    "causal": {
+        "threads": 1,
+        "seeds": [0, 1, 2, 3, 4, 5],
+        "recipes": "frozen",
+        "model": {"dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "mlp_ratio": 2, "window": 16},
+        "tasks": {"text": {}},
+        "variants": list(CAUSAL_VARIANTS),
+    },
     "gpu": {
         "seeds": [0, 1, 2, 3, 4],
         "model": {"dim": 128, "depth": 4, "heads": 8, "dim_head": 16, "mlp_ratio": 2},
@@ -220,13 +263,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_grid(preset: str, *, seeds: list[int] | None = None, tasks: list[str] | None = None) -> list[Run]:
+def _frozen_recipe(preset: str, task: str, task_spec: dict[str, Any], recipes: dict[str, Any]) -> dict[str, Any]:
+    """The frozen recipe a task of a ``"recipes": "frozen"`` preset trains with."""
+    name = task_spec.get("recipe_from", task)
+    if name not in recipes:
+        raise ValueError(
+            f"preset {preset!r}: no frozen recipe for task {name!r} (have: {sorted(recipes)}); choose one on "
+            "validation data first: `python -m deform_attn.experiments run --preset tune` (or tune_causal), then "
+            "`python -m deform_attn.experiments recipes RESULTS --write`"
+        )
+    return recipes[name]
+
+
+def build_grid(
+    preset: str,
+    *,
+    seeds: list[int] | None = None,
+    tasks: list[str] | None = None,
+    recipes: dict[str, Any] | None = None,
+) -> list[Run]:
     """Every run of ``preset`` in a fixed order (task, seed, variant), without duplicates.
 
     Args:
         preset: a key of :data:`PRESETS`.
         seeds: replace the preset's seeds.
         tasks: restrict to these tasks (each must be in the preset).
+        recipes: the frozen recipes for a ``"recipes": "frozen"`` preset (default: the package's
+            ``data/recipes.json``, :func:`deform_attn.experiments.recipes.load_recipes`). Such a
+            task trains with its recipe's training settings and model overrides (dropout, ...),
+            and its recipe's task parameters unless the preset gives its own.
     """
     if preset not in PRESETS:
         raise ValueError(f"--preset: expected one of {sorted(PRESETS)}, got {preset!r}")
@@ -246,6 +311,10 @@ def build_grid(preset: str, *, seeds: list[int] | None = None, tasks: list[str] 
         chosen = [t for t in chosen if t in tasks]
     seeds = list(spec["seeds"]) if seeds is None else seeds
     base_model = ModelConfig(**spec["model"])
+    if spec.get("recipes") == "frozen" and recipes is None:
+        from .recipes import load_recipes
+
+        recipes = load_recipes()
     sweep_values = {**AXES, **spec.get("sweep_values", {})}
     candidates = spec.get("candidates", ({"name": None, "model": {}, "train": {}},))
     runs: list[Run] = []
@@ -253,7 +322,14 @@ def build_grid(preset: str, *, seeds: list[int] | None = None, tasks: list[str] 
     for task in chosen:
         task_spec, registered = spec["tasks"][task], TASKS[task]
         base_train = task_spec.get("train", registered.default_train)
-        params = tuple(sorted(task_spec.get("params", registered.default_params).items()))
+        base_params = task_spec.get("params", registered.default_params)
+        task_model = base_model
+        if spec.get("recipes") == "frozen":
+            recipe = _frozen_recipe(preset, task, task_spec, recipes)
+            base_train = {**recipe["train"], **task_spec.get("train", {})}
+            base_params = task_spec.get("params", recipe["task_params"])
+            task_model = replace(base_model, **recipe["model"])
+        params = tuple(sorted(base_params.items()))
         folds = task_spec.get("folds")
         fold_settings = [{}] if folds is None else [{"validation_folds": folds, "validation_fold": f} for f in range(folds)]
         variants: list[tuple[str, dict[str, Any], str | None]] = [(v, {}, None) for v in spec["variants"]]
@@ -264,7 +340,9 @@ def build_grid(preset: str, *, seeds: list[int] | None = None, tasks: list[str] 
                 train = TrainConfig.from_dict({**base_train, **candidate["train"], **fold})
                 for seed in seeds:
                     for attention, overrides, axis in variants:
-                        model = replace(base_model, attention=attention, **candidate["model"], **overrides)
+                        if axis is None and seed not in spec.get("variant_seeds", {}).get(attention, [seed]):
+                            continue
+                        model = replace(task_model, attention=attention, **candidate["model"], **overrides)
                         label = dict(overrides)
                         if candidate["name"] is not None:
                             label["candidate"] = candidate["name"]
