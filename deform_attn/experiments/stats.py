@@ -461,6 +461,11 @@ def _direction(higher_is_better: bool, what: str) -> str:
     return f"variant better than {what} when difference {'>' if higher_is_better else '<'} 0"
 
 
+def _test_fields(test: dict[str, float]) -> dict[str, float]:
+    """The paired t test's fields as a table row holds them."""
+    return {key: test[key] for key in ("n", "mean", "std", "low", "high", "half_width", "t", "p")}
+
+
 def paired_comparisons(
     records: Iterable[RecordLike],
     *,
@@ -541,15 +546,8 @@ def paired_comparisons(
                 "metric": name,
                 "higher_is_better": first.higher_is_better,
                 "favours_variant": _direction(first.higher_is_better, "reference"),
-                "n": test["n"],
                 "seeds": seeds,
-                "mean": test["mean"],
-                "std": test["std"],
-                "low": test["low"],
-                "high": test["high"],
-                "half_width": test["half_width"],
-                "t": test["t"],
-                "p": test["p"],
+                **_test_fields(test),
                 "bootstrap_mean": bootstrap["mean"],
                 "bootstrap_low": bootstrap["low"],
                 "bootstrap_high": bootstrap["high"],
@@ -642,15 +640,8 @@ def baseline_differences(
                 "metric": name,
                 "higher_is_better": first.higher_is_better,
                 "favours_variant": _direction(first.higher_is_better, "baseline"),
-                "n": test["n"],
                 "seeds": seeds,
-                "mean": test["mean"],
-                "std": test["std"],
-                "low": test["low"],
-                "high": test["high"],
-                "half_width": test["half_width"],
-                "t": test["t"],
-                "p": test["p"],
+                **_test_fields(test),
                 "baseline_mean": sum(baselines) / len(baselines),
                 "config_hash": config_hash,
             }
