@@ -69,6 +69,19 @@ def test_export_other_configurations(options):
             assert max_relative_error(program.module()(x), layer(x)) < 1e-5
 
 
+def test_export_causal_layer_with_keys_pushed_forward():
+    """The exported scan takes the visibility mask and the null key too."""
+    torch.manual_seed(2)
+    layer = make_layer(heads=2, offset_groups=None, causal=True)
+    with torch.no_grad():  # offsets at their bounds, so keys wait for later tokens
+        layer.to_offsets.pointwise.weight.mul_(50)
+    program = export_layer(layer, min_length=16, max_length=2048)
+    for length in (16, 97, 700):
+        x = torch.randn(2, 16, length)
+        with torch.no_grad():
+            assert max_relative_error(program.module()(x), layer(x)) < 1e-5
+
+
 def test_export_without_position_bias():
     layer = make_layer(heads=2, offset_groups=None, position_bias="none")
     program = export_layer(layer, min_length=16, max_length=1024)
