@@ -360,3 +360,14 @@ def test_committed_runs_still_read(folder):
     rows = bench.read_results(folder)
     assert rows and set(rows[0]) == set(bench.CSV_COLUMNS)
     assert len(bench.format_table(rows).splitlines()) > 2
+
+
+def test_workloads_fill_only_the_sizes_left_unset():
+    from deform_attn.bench import cli
+
+    timeseries = cli.apply_workload(cli._parser().parse_args(["--workload", "timeseries", "--batch", "8"]))
+    assert (timeseries.lengths, timeseries.dim, timeseries.heads, timeseries.dim_head) == ("96,192,336,720,1440", 128, 4, 32)
+    assert timeseries.batch == 8  # the flag wins
+    long = cli.apply_workload(cli._parser().parse_args([]))
+    assert (long.dim, long.heads, long.dim_head, long.batch) == (512, 8, 64, 1)
+    assert long.lengths == ",".join(map(str, cli.DEFAULT_LENGTHS))

@@ -60,25 +60,47 @@ def _positive(kind: type, name: str, minimum: float = 1) -> Callable[[str], Any]
     return convert
 
 
+# Named settings: 'long' is one long sequence at dim 512 (the committed results); 'timeseries' is
+# where most users of 1D deformable attention work, batches of shorter series at width 128.
+# Flags given on the command line override a workload's values.
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "long": {"lengths": ",".join(map(str, DEFAULT_LENGTHS)), "dim": 512, "heads": 8, "dim_head": 64, "batch": 1},
+    "timeseries": {"lengths": "96,192,336,720,1440", "dim": 128, "heads": 4, "dim_head": 32, "batch": 32},
+}
+
+
+def apply_workload(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every size the command line left unset from ``args.workload``'s settings."""
+    for name, value in WORKLOADS[args.workload].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deform-attn-bench",
         description="Time and peak memory of deformable attention (lucidrains' reference and deform_attn) "
         "against full attention, one fresh process per measurement.",
     )
-    parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
-                        help="comma-separated sequence lengths n in tokens (default: %(default)s)")
+    parser.add_argument("--workload", default="long", choices=sorted(WORKLOADS),
+                        help="named sizes: long (batch 1, dim 512, 8 x 64, n 512-32768) or timeseries (batch 32, "
+                        "dim 128, 4 x 32, n 96-1440); flags below override them (default: %(default)s)")
+    parser.add_argument("--lengths", default=None,
+                        help="comma-separated sequence lengths n in tokens (default: the workload's)")
     parser.add_argument("--cases", default="a,b,c,d",
                         help="comma-separated subset of a (deformable-attention 0.0.20), b (deform_attn, lucidrains "
                         "geometry, same weights), c (deform_attn defaults), d (full attention), e (c on the SDPA "
                         "kernel); default: %(default)s")
     parser.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated subset of fwd, fwd+bwd")
-    parser.add_argument("--dim", type=_positive(int, "--dim", 4), default=512, help="channels (default: %(default)s)")
-    parser.add_argument("--heads", type=_positive(int, "--heads"), default=8, help="heads = offset groups (default: %(default)s)")
-    parser.add_argument("--dim-head", type=_positive(int, "--dim-head"), default=64, help="channels per head (default: %(default)s)")
+    parser.add_argument("--dim", type=_positive(int, "--dim", 4), default=None, help="channels (default: the workload's)")
+    parser.add_argument("--heads", type=_positive(int, "--heads"), default=None,
+                        help="heads = offset groups (default: the workload's)")
+    parser.add_argument("--dim-head", type=_positive(int, "--dim-head"), default=None,
+                        help="channels per head (default: the workload's)")
     parser.add_argument("--downsample", type=_positive(int, "--downsample"), default=4,
                         help="downsample factor r; n // r keys are sampled (default: %(default)s)")
-    parser.add_argument("--batch", type=_positive(int, "--batch"), default=1, help="batch size (default: %(default)s)")
+    parser.add_argument("--batch", type=_positive(int, "--batch"), default=None, help="batch size (default: the workload's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
@@ -260,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = apply_workload(parser.parse_args(argv))
     if args.worker is not None:
         return run_spec(args.worker)
     if args.plot_only is not None:
