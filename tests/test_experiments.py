@@ -940,3 +940,26 @@ def test_main_presets_train_on_the_frozen_recipes():
 def test_a_preset_without_its_frozen_recipe_says_how_to_choose_one():
     with pytest.raises(ValueError, match=r"^preset 'main': no frozen recipe for task 'mnist1d_long'.*--preset tune"):
         grid.build_grid("main", recipes=_fake_recipes("mnist1d"))
+
+
+def test_compute_matched_runs_spend_equal_flops(monkeypatch):
+    """Each variant's steps are the budget over its own FLOPs per step, so budgets match."""
+    recipe = {"candidate": "c0", "task_params": {"length": 96, "num_train": 64, "num_test": 8},
+              "train": {"steps": 40, "batch_size": 4, "warmup": 8},
+              "model": {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8}}
+    monkeypatch.setitem(grid.PRESETS, "micro_compute", {
+        **grid.PRESETS["compute"], "tasks": {"adding": {}}, "seeds": [0], "compute_budgets": [0.5, 1.0]})
+    runs = grid.build_grid("micro_compute", recipes={"adding": recipe})
+    assert len(runs) == 3 * 2 and {r.axis for r in runs} == {"compute"}
+    data = tasks.make_task("adding", recipe["task_params"], 0)
+    spent = {}
+    for run in runs:
+        per_step = train_module.step_flops(data, run.model, run.train)
+        spent[(run.model.attention, run.variant.split("budget=")[1].split("]")[0])] = per_step * run.train.steps
+    full = next(r for r in runs if r.model.attention == "full" and "budget=1.0" in r.variant)
+    assert full.train.steps == 40 and full.train.warmup == 8  # the reference spends its recipe
+    for (attention, budget), flops in spent.items():
+        target = float(budget) * spent[("full", "1.0")]
+        assert abs(flops - target) / target < 0.05, (attention, budget)
+    deformable = {r.train.steps for r in runs if r.model.attention == "deformable"}
+    assert max(deformable) > 40  # cheaper per step than full attention at n = 96: more steps

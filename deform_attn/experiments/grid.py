@@ -238,6 +238,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "variants": ["deformable"],
         "sweeps": {"mnist1d": list(AXES)},
     },
+    # The compute view: each variant trained for a FLOP budget, a fraction of what full attention
+    # spends in its recipe's steps; a variant's steps are the budget over its own FLOPs per step
+    # (warm-up scaled alike). Separate runs, not points read off a longer run's curve.
+    "compute": {
+        "threads": 1,
+        "seeds": [0, 1, 2],
+        "recipes": "frozen",
+        "model": {"dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "mlp_ratio": 2},
+        "tasks": {"mnist1d": {}, "mnist1d_long": {}},
+        "variants": ["deformable", "downsampled", "full"],
+        "compute_budgets": [0.25, 0.5, 1.0],
+        "compute_reference": "full",
+    },
     # The autoregressive comparison on the text task's frozen recipe (chosen by 'tune_causal').
     "causal": {
         "threads": 1,
@@ -261,6 +274,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sweeps": {"mnist1d_long": list(AXES), "adding": list(AXES)},
     },
 }
+
+
+def _budget_steps(
+    spec: dict[str, Any], task: str, params: tuple, model: ModelConfig, train: dict[str, Any]
+) -> dict[str, dict[float, tuple[int, int]]]:
+    """Per variant and budget fraction: the (steps, warmup) that spend that share of the FLOP budget.
+
+    The budget is a fraction of what ``compute_reference`` spends in the recipe's steps; each
+    variant's FLOPs per step are counted once on the task's seed-0 data
+    (:func:`deform_attn.experiments.train.step_flops`), so a run's key records its steps.
+    """
+    from .tasks import make_task
+    from .train import step_flops
+
+    data = make_task(task, dict(params), 0)
+    base = TrainConfig.from_dict(train)
+    per_step = {v: step_flops(data, replace(model, attention=v), base) for v in spec["variants"]}
+    budget = per_step[spec["compute_reference"]] * base.steps
+    plan: dict[str, dict[float, tuple[int, int]]] = {}
+    for variant, flops in per_step.items():
+        plan[variant] = {}
+        for fraction in spec["compute_budgets"]:
+            steps = max(1, round(fraction * budget / flops))
+            plan[variant][fraction] = (steps, min(steps, round(base.warmup * steps / base.steps)))
+    return plan
+
+
+def _budgeted(budgets: dict | None, attention: str, train: TrainConfig):
+    """``(budget fraction, train config)`` pairs of one variant; ``(None, train)`` without budgets."""
+    if budgets is None:
+        yield None, train
+        return
+    for fraction, (steps, warmup) in budgets[attention].items():
+        yield fraction, replace(train, steps=steps, warmup=warmup)
 
 
 def _frozen_recipe(preset: str, task: str, task_spec: dict[str, Any], recipes: dict[str, Any]) -> dict[str, Any]:
@@ -335,6 +382,7 @@ def build_grid(
         variants: list[tuple[str, dict[str, Any], str | None]] = [(v, {}, None) for v in spec["variants"]]
         for axis in spec.get("sweeps", {}).get(task, []):
             variants += [("deformable", overrides, axis) for overrides in sweep_values[axis]]
+        budgets = _budget_steps(spec, task, params, task_model, base_train) if "compute_budgets" in spec else None
         for candidate in candidates:
             for fold in fold_settings:
                 train = TrainConfig.from_dict({**base_train, **candidate["train"], **fold})
@@ -343,16 +391,19 @@ def build_grid(
                         if axis is None and seed not in spec.get("variant_seeds", {}).get(attention, [seed]):
                             continue
                         model = replace(task_model, attention=attention, **candidate["model"], **overrides)
-                        label = dict(overrides)
-                        if candidate["name"] is not None:
-                            label["candidate"] = candidate["name"]
-                        if fold:
-                            label["fold"] = fold["validation_fold"]
-                        run = Run(task, params, variant_name(attention, label), tuple(sorted(overrides.items())), axis,
-                                  model, train, seed, candidate["name"])
-                        if run.key not in seen:
-                            seen.add(run.key)
-                            runs.append(run)
+                        for budget, run_train in _budgeted(budgets, attention, train):
+                            label = dict(overrides)
+                            if budget is not None:
+                                label["budget"] = budget
+                            if candidate["name"] is not None:
+                                label["candidate"] = candidate["name"]
+                            if fold:
+                                label["fold"] = fold["validation_fold"]
+                            run = Run(task, params, variant_name(attention, label), tuple(sorted(overrides.items())),
+                                      axis if budget is None else "compute", model, run_train, seed, candidate["name"])
+                            if run.key not in seen:
+                                seen.add(run.key)
+                                runs.append(run)
     return runs
 
 

@@ -24,7 +24,9 @@ from .config import RecordedConfig
 from .models import ModelConfig, build_model, count_parameters
 from .tasks import Split, TaskData
 
-__all__ = ["TrainConfig", "train_and_evaluate", "resolve_device", "validation_split", "evaluate", "primary_metric"]
+__all__ = [
+    "TrainConfig", "train_and_evaluate", "resolve_device", "validation_split", "evaluate", "primary_metric", "step_flops",
+]
 
 # examples whose fold is drawn by this fixed generator, so every seed and variant share the fold
 _FOLD_SEED = 0x5EED
@@ -225,6 +227,26 @@ def _training_flops(model, data: TaskData, train: Split, config: TrainConfig, de
         counts.append(counter.get_total_flops())
     model.zero_grad(set_to_none=True)
     return float(sum(counts) / len(counts) * config.steps)
+
+
+def step_flops(data: TaskData, model_config: ModelConfig, train_config: TrainConfig) -> float:
+    """Estimated FLOPs of one training step of ``model_config`` on ``data`` (see :func:`_training_flops`).
+
+    Builds the model from seed 0 on the CPU and counts one step; what compute-matched presets
+    divide a FLOP budget by to get each variant's number of steps.
+    """
+    train, _ = validation_split(data.train, train_config.validation_folds, train_config.validation_fold)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(
+            model_config,
+            num_outputs=1 if data.kind == "regression" else data.num_classes,
+            vocab_size=data.vocab_size,
+            in_channels=data.in_channels,
+            per_token=data.kind == "language_model",
+        )
+        one_step = TrainConfig.from_dict({**train_config.to_dict(), "steps": 1})
+        return _training_flops(model.train(), data, train, one_step, torch.device("cpu"), contextlib.nullcontext)
 
 
 def _add_noise(x: Tensor, mask: Tensor | None, std: float, generator: torch.Generator) -> Tensor:
