@@ -3,8 +3,9 @@
 :class:`CausalStream` keeps what a causal :class:`deform_attn.DeformableAttention1D` needs to
 produce the outputs of new tokens without recomputing the past:
 
-* the input tokens and the queries seen so far (the sampler reads the first, the offset network
-  the last ``k - r`` of the second);
+* the input tokens that a key not yet cached may still read, and the last ``k - r`` queries (the
+  offset network's look-back); with bounded offsets (``tanh``), older tokens are dropped, so the
+  memory does not grow with the stream;
 * per complete cell, its sample position and the first query that may see it
   (:func:`deform_attn.geometry.causal_visibility`);
 * a cache of keys and values: a key enters it once **every token it reads has arrived**, not
@@ -19,6 +20,8 @@ Axis letters: b batch, g offset groups, h heads, n tokens, m cells (keys), d cha
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from einops import rearrange
@@ -35,10 +38,24 @@ __all__ = ["CausalStream"]
 
 
 class _Growing:
-    """A tensor that grows along its last axis with amortised O(1) appends (capacity doubling)."""
+    """A tensor that grows along its last axis with amortised O(1) appends (capacity doubling).
+
+    ``origin`` is the absolute index of the first element kept: :meth:`forget_before` drops a
+    prefix that is no longer needed, so a stream's memory follows what it can still read.
+    """
 
     def __init__(self, template: Tensor):
-        self.storage, self.size = template, 0
+        self.storage, self.size, self.origin = template, 0, 0
+
+    def forget_before(self, index: int) -> None:
+        """Drop the elements before absolute ``index`` (when at least half the storage is dropped)."""
+        drop = min(index - self.origin, self.size)
+        if drop <= 0 or 2 * drop < self.storage.shape[-1]:  # compact rarely: amortised O(1)
+            return
+        kept = self.storage[..., drop : self.size].clone()
+        self.storage = self.storage.new_zeros(*self.storage.shape[:-1], max(2 * kept.shape[-1], 16))
+        self.storage[..., : kept.shape[-1]] = kept
+        self.size, self.origin = kept.shape[-1], self.origin + drop
 
     def append(self, part: Tensor) -> None:
         needed = self.size + part.shape[-1]
@@ -128,6 +145,7 @@ class CausalStream:
         self.grouped_queries.append(rearrange(queries, "b (g d) n -> (b g) d n", g=groups))
         self._complete_cells()
         self._cache_readable_keys()
+        self._forget_unreadable_tokens()
 
         # attention of the new queries (absolute indices start..tokens-1) to every cached key
         q = rearrange(queries, "b (h d) n -> b h n d", h=layer.heads)
@@ -160,7 +178,8 @@ class CausalStream:
             return
         # cell c's causal window is tokens c r - (k - r) .. (c + 1) r - 1, zero before token 0
         first = done * r - self.context
-        window = self.grouped_queries.data[..., max(first, 0) : complete * r]
+        origin = self.grouped_queries.origin
+        window = self.grouped_queries.data[..., max(first, 0) - origin : complete * r - origin]
         window = torch.nn.functional.pad(window, (max(-first, 0), 0))
         offsets = layer.to_offsets(window, padding=(0, 0)).to(self.positions.storage.dtype)  # (b g, new cells)
         positions = sample_positions(offsets, self.tokens, r, first_cell=done)
@@ -169,6 +188,20 @@ class CausalStream:
         self.ready.append(torch.zeros_like(positions, dtype=torch.bool))
         for cache in (self.keys, self.values):
             cache.append(cache.storage.new_zeros(*cache.storage.shape[:-1], complete - done))
+
+    def _forget_unreadable_tokens(self) -> None:
+        """Drop tokens no future key can read and queries no future cell's window covers."""
+        layer, r = self.layer, self.layer.downsample_factor
+        self.grouped_queries.forget_before(self.cells * r - self.context)
+        offsets = layer.to_offsets
+        if not offsets.bounded:  # unbounded offsets may reach any token
+            return
+        # the next cell samples at least s cells before its centre; waiting keys where they sample
+        earliest = self.cells * r + (r - 1) / 2 - offsets.offset_scale * r
+        waiting = self.positions.data[~self.ready.data]
+        if waiting.numel():
+            earliest = min(earliest, waiting.min().item())
+        self.inputs.forget_before(max(0, math.floor(earliest)))
 
     def _cache_readable_keys(self) -> None:
         """Sample, project and cache the keys whose every token has now arrived."""
@@ -179,7 +212,9 @@ class CausalStream:
             return
         groups = layer.offset_groups
         grouped_inputs = rearrange(self.inputs.data, "b (g d) n -> (b g) d n", g=groups)
-        samples = linear_sample_1d(grouped_inputs, self.positions.data[:, columns])  # (b g, d, s)
+        # positions relative to the first kept token; a position before it reads zeros, as before token 0
+        relative = self.positions.data[:, columns] - self.inputs.origin
+        samples = linear_sample_1d(grouped_inputs, relative)  # (b g, d, s)
         samples = rearrange(samples, "(b g) d s -> b (g d) s", g=groups)
         # shape: (b, h d, s) -> (b, h, d, s)
         new_keys, new_values = (rearrange(f(samples), "b (h d) s -> b h d s", h=layer.heads) for f in (layer.to_k, layer.to_v))

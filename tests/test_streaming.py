@@ -95,3 +95,34 @@ def test_streaming_benchmark_writes_one_row_per_case_and_length(tmp_path):
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["command"].startswith("python -m deform_attn.bench.streaming --lengths 16,40")
     assert "git_commit" in meta["environment"]
+
+
+def test_a_long_stream_keeps_bounded_memory_and_stays_exact():
+    """Bounded offsets reach at most offset_scale cells back, so old tokens are dropped."""
+    layer = saturated_causal_layer(seed=9, downsample_factor=2, offset_scale=1.5)
+    x = torch.randn(1, 8, 600, dtype=torch.float64)
+    stream = CausalStream(layer, batch_size=1)
+    with torch.no_grad():
+        parts = [stream.step(x[..., i : i + 7]) for i in range(0, 600, 7)]
+        full = layer(x)
+    assert max_relative_error(torch.cat(parts, dim=2), full) < 1e-12
+    assert stream.inputs.origin > 400 and stream.inputs.storage.shape[-1] < 100  # only the recent past
+    assert stream.grouped_queries.storage.shape[-1] < 100
+
+
+def test_unbounded_offsets_keep_every_token():
+    from deform_attn import OffsetNetwork
+
+    layer = saturated_causal_layer(seed=4)
+    old = layer.to_offsets
+    layer.to_offsets = OffsetNetwork(channels=old.depthwise.in_channels, downsample_factor=3,
+                                     kernel_size=old.depthwise.kernel_size[0], offset_scale=0.5, bounded=False,
+                                     causal=True).double()
+    x = torch.randn(1, 8, 90, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x)
+    stream = CausalStream(layer.eval(), batch_size=1)
+    with torch.no_grad():
+        parts = [stream.step(x[..., i : i + 5]) for i in range(0, 90, 5)]
+    assert max_relative_error(torch.cat(parts, dim=2), full) < 1e-12
+    assert stream.inputs.origin == 0
