@@ -371,3 +371,6 @@ def test_workloads_fill_only_the_sizes_left_unset():
     long = cli.apply_workload(cli._parser().parse_args([]))
     assert (long.dim, long.heads, long.dim_head, long.batch) == (512, 8, 64, 1)
     assert long.lengths == ",".join(map(str, cli.DEFAULT_LENGTHS))
+    assert (long.cases, long.dtype) == ("a,b,c,d", "float32")
+    gpu = cli.apply_workload(cli._parser().parse_args(["--workload", "gpu", "--device", "cpu"]))
+    assert (gpu.dtype, gpu.cases, gpu.lengths.split(",")[-1]) == ("bfloat16", "c,d,e", "65536")

@@ -61,11 +61,17 @@ def _positive(kind: type, name: str, minimum: float = 1) -> Callable[[str], Any]
 
 
 # Named settings: 'long' is one long sequence at dim 512 (the committed results); 'timeseries' is
-# where most users of 1D deformable attention work, batches of shorter series at width 128.
-# Flags given on the command line override a workload's values.
+# where most users of 1D deformable attention work, batches of shorter series at width 128; 'gpu'
+# is the long workload in bfloat16 on a GPU up to n = 65536, against full attention's fused
+# kernel, without the reference (case a) whose memory grows with n^2. Flags given on the command
+# line override a workload's values.
 WORKLOADS: dict[str, dict[str, Any]] = {
-    "long": {"lengths": ",".join(map(str, DEFAULT_LENGTHS)), "dim": 512, "heads": 8, "dim_head": 64, "batch": 1},
-    "timeseries": {"lengths": "96,192,336,720,1440", "dim": 128, "heads": 4, "dim_head": 32, "batch": 32},
+    "long": {"lengths": ",".join(map(str, DEFAULT_LENGTHS)), "dim": 512, "heads": 8, "dim_head": 64, "batch": 1,
+             "cases": "a,b,c,d", "dtype": "float32"},
+    "timeseries": {"lengths": "96,192,336,720,1440", "dim": 128, "heads": 4, "dim_head": 32, "batch": 32,
+                   "cases": "c,d", "dtype": "float32"},
+    "gpu": {"lengths": "1024,4096,16384,65536", "dim": 512, "heads": 8, "dim_head": 64, "batch": 1,
+            "cases": "c,d,e", "dtype": "bfloat16"},
 }
 
 
@@ -84,14 +90,15 @@ def _parser() -> argparse.ArgumentParser:
         "against full attention, one fresh process per measurement.",
     )
     parser.add_argument("--workload", default="long", choices=sorted(WORKLOADS),
-                        help="named sizes: long (batch 1, dim 512, 8 x 64, n 512-32768) or timeseries (batch 32, "
-                        "dim 128, 4 x 32, n 96-1440); flags below override them (default: %(default)s)")
+                        help="named sizes: long (batch 1, dim 512, 8 x 64, n 512-32768), timeseries (batch 32, "
+                        "dim 128, 4 x 32, n 96-1440) or gpu (long in bfloat16 up to n = 65536); flags below "
+                        "override them (default: %(default)s)")
     parser.add_argument("--lengths", default=None,
                         help="comma-separated sequence lengths n in tokens (default: the workload's)")
-    parser.add_argument("--cases", default="a,b,c,d",
+    parser.add_argument("--cases", default=None,
                         help="comma-separated subset of a (deformable-attention 0.0.20), b (deform_attn, lucidrains "
                         "geometry, same weights), c (deform_attn defaults), d (full attention), e (c on the SDPA "
-                        "kernel); default: %(default)s")
+                        "kernel); default: the workload's")
     parser.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated subset of fwd, fwd+bwd")
     parser.add_argument("--dim", type=_positive(int, "--dim", 4), default=None, help="channels (default: the workload's)")
     parser.add_argument("--heads", type=_positive(int, "--heads"), default=None,
@@ -103,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=_positive(int, "--batch"), default=None, help="batch size (default: the workload's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                        help="float32, or bfloat16 under autocast with fp32 weights (default: %(default)s)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="float32, or bfloat16 under autocast with fp32 weights (default: the workload's)")
     parser.add_argument("--repeats", type=_positive(int, "--repeats"), default=5, help="timed calls (default: %(default)s)")
     parser.add_argument("--warmup", type=_positive(int, "--warmup", 0), default=1, help="untimed calls first (default: %(default)s)")
     parser.add_argument("--threads", type=_positive(int, "--threads"), default=None,
