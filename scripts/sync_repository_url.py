@@ -2,7 +2,10 @@
 
 The repository URL lives in one place, ``repository.url`` (and ``repository.branch``) in
 ``_config.yml``. Each notebook repeats it twice: in the *Open in Colab* badge of its first cell and
-in the install command of its first code cell. After changing the URL, run
+in the install command of its first code cell. The install command also installs what the chapter
+needs beyond Colab's own packages: the package extras and further requirements listed in the
+notebook's metadata, ``{"deform_attn": {"colab_extras": [...], "colab_requires": [...]}}``.
+After changing the URL or those lists, run
 
     python scripts/sync_repository_url.py            # rewrite the notebooks
     python scripts/sync_repository_url.py --check    # exit 1 if any notebook is out of date
@@ -31,7 +34,11 @@ INSTALL_TEMPLATE = """\
 import sys
 if "google.colab" in sys.modules:
     import subprocess
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "deform-attn @ git+{url}"], check=True)"""
+    packages = [
+{packages}
+    ]
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, *packages], check=True)"""
 REMOVE_TAG = "remove-cell"
 
 
@@ -57,9 +64,17 @@ def badge(url: str, branch: str, notebook: str) -> str:
     return f"[![Open In Colab]({BADGE_IMAGE})]({colab_url(url, branch, notebook)})"
 
 
-def install_source(url: str) -> str:
+def colab_requirements(nb: nbformat.NotebookNode) -> tuple[list[str], list[str]]:
+    """``(extras, further requirements)`` a chapter needs in Colab, from its metadata."""
+    listed = nb.metadata.get("deform_attn", {})
+    return list(listed.get("colab_extras", [])), list(listed.get("colab_requires", []))
+
+
+def install_source(url: str, extras: list[str] | tuple = (), requires: list[str] | tuple = ()) -> str:
     """The exact source of the install cell (the notebook's first code cell)."""
-    return INSTALL_TEMPLATE.format(url=url)
+    extra = f"[{','.join(extras)}]" if extras else ""
+    packages = "\n".join(f'        "{package}",' for package in [f"deform-attn{extra} @ git+{url}", *requires])
+    return INSTALL_TEMPLATE.format(packages=packages)
 
 
 def notebook_relpath(path: Path, root: Path = REPO_ROOT) -> str:
@@ -80,8 +95,8 @@ def problems(nb: nbformat.NotebookNode, relpath: str, url: str, branch: str) -> 
         found.append(f"{relpath}: the first code cell must be the Colab install cell")
     else:
         install = code_cells[0]
-        if install.source != install_source(url):
-            found.append(f"{relpath}: the install cell does not install from {url}")
+        if install.source != install_source(url, *colab_requirements(nb)):
+            found.append(f"{relpath}: the install cell does not install from {url} what the chapter needs")
         if REMOVE_TAG not in install.get("metadata", {}).get("tags", []):
             found.append(f"{relpath}: the install cell lacks the {REMOVE_TAG!r} tag")
     return found
@@ -104,7 +119,7 @@ def sync(nb: nbformat.NotebookNode, relpath: str, url: str, branch: str) -> None
     else:
         install = nbformat.v4.new_code_cell(execution_count=None)
         nb.cells.insert(1, install)
-    install.source = install_source(url)
+    install.source = install_source(url, *colab_requirements(nb))
     tags = install.metadata.setdefault("tags", [])
     if REMOVE_TAG not in tags:
         tags.append(REMOVE_TAG)

@@ -20,7 +20,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from sync_repository_url import problems, read_repository  # noqa: E402
+from sync_repository_url import colab_requirements, problems, read_repository  # noqa: E402
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
@@ -194,3 +194,22 @@ def test_has_a_figure(path):
 def test_some_outputs_are_checked_by_nbval(path):
     tags = [tag for cell in _code_cells(_read(path)) for tag in cell.metadata.get("tags", [])]
     assert "nbval-check-output" in tags, f"{path.name}: no cell tagged nbval-check-output, so nbval compares nothing"
+
+
+# what a chapter may import only if its Colab install cell installs it: (module, extra, requirement)
+COLAB_NEEDS = (
+    (r"^\s*(import|from) deformable_attention\b", None, "deformable-attention==0.0.20"),
+    (r"deform_attn\.experiments|from deform_attn import experiments", "experiments", None),
+)
+
+
+@notebook_param
+def test_colab_install_cell_installs_what_the_chapter_imports(path):
+    """A chapter opened alone in Colab has only Colab's packages and what its install cell adds."""
+    nb = _read(path)
+    extras, requires = colab_requirements(nb)
+    code = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
+    for pattern, extra, requirement in COLAB_NEEDS:
+        if re.search(pattern, code, flags=re.M):
+            assert extra is None or extra in extras, f"{path.name}: imports it but its install cell lacks [{extra}]"
+            assert requirement is None or requirement in requires, f"{path.name}: needs {requirement} in Colab"
