@@ -229,6 +229,17 @@ def _training_flops(model, data: TaskData, train: Split, config: TrainConfig, de
     return float(sum(counts) / len(counts) * config.steps)
 
 
+def _model_for(data: TaskData, model_config: ModelConfig):
+    """A fresh model for ``data``: its outputs, its input kind, and a per-token head for language models."""
+    return build_model(
+        model_config,
+        num_outputs=1 if data.kind == "regression" else data.num_classes,
+        vocab_size=data.vocab_size,
+        in_channels=data.in_channels,
+        per_token=data.kind == "language_model",
+    )
+
+
 def step_flops(data: TaskData, model_config: ModelConfig, train_config: TrainConfig) -> float:
     """Estimated FLOPs of one training step of ``model_config`` on ``data`` (see :func:`_training_flops`).
 
@@ -238,13 +249,7 @@ def step_flops(data: TaskData, model_config: ModelConfig, train_config: TrainCon
     train, _ = validation_split(data.train, train_config.validation_folds, train_config.validation_fold)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = build_model(
-            model_config,
-            num_outputs=1 if data.kind == "regression" else data.num_classes,
-            vocab_size=data.vocab_size,
-            in_channels=data.in_channels,
-            per_token=data.kind == "language_model",
-        )
+        model = _model_for(data, model_config)
         one_step = TrainConfig.from_dict({**train_config.to_dict(), "steps": 1})
         return _training_flops(model.train(), data, train, one_step, torch.device("cpu"), contextlib.nullcontext)
 
@@ -284,13 +289,7 @@ def train_and_evaluate(
     """
     train, validation = validation_split(data.train, train_config.validation_folds, train_config.validation_fold)
     torch.manual_seed(seed)
-    model = build_model(
-        model_config,
-        num_outputs=1 if data.kind == "regression" else data.num_classes,
-        vocab_size=data.vocab_size,
-        in_channels=data.in_channels,
-        per_token=data.kind == "language_model",
-    ).to(device)
+    model = _model_for(data, model_config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, train_config))
     order_generator = torch.Generator().manual_seed(seed)
