@@ -1,0 +1,37 @@
+"""The book's configuration: nothing measured or dated is typed by hand."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _build_year_module():
+    spec = importlib.util.spec_from_file_location("build_year", REPO_ROOT / "book" / "_ext" / "build_year.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_footer_year_is_the_build_year():
+    build_year = _build_year_module()
+    assert build_year.copyright_line("The authors", datetime.date(2031, 5, 4)) == "2031 The authors"
+    assert build_year.copyright_line("A", None).startswith(str(datetime.date.today().year))
+
+    class Config:
+        author, copyright = "The deform_attn authors", "1999"
+
+    config = Config()
+    build_year._set_copyright(None, config)
+    assert config.copyright == f"{datetime.date.today().year} The deform_attn authors"
+
+
+def test_config_registers_the_extension_and_types_no_year():
+    config = yaml.safe_load((REPO_ROOT / "_config.yml").read_text())
+    assert "copyright" not in config
+    assert config["sphinx"]["local_extensions"] == {"build_year": "book/_ext"}
