@@ -2,8 +2,11 @@
 
 The modules follow the order in which the book builds the layer: sampling, geometry, offsets,
 position_bias, kernels (the functional core: biased attention kernels and the choice between
-them), attention (the layer, a thin module over the parts), export, bench. The experiments
-(``deform_attn.experiments``) depend on the layer, never the other way round.
+them), attention (the layer, a thin module over the parts), streaming (causal inference a token
+at a time), export, bench. Around them: validation (argument checks), legacy (deprecated
+keywords), baselines (full and local attention), provenance (commit and environment of every
+record). The experiments (``deform_attn.experiments``) depend on the layer, never the other way
+round.
 """
 
 from .attention import POSITION_BIASES, DeformableAttention1D, from_lucidrains
