@@ -213,3 +213,13 @@ def test_colab_install_cell_installs_what_the_chapter_imports(path):
         if re.search(pattern, code, flags=re.M):
             assert extra is None or extra in extras, f"{path.name}: imports it but its install cell lacks [{extra}]"
             assert requirement is None or requirement in requires, f"{path.name}: needs {requirement} in Colab"
+
+
+@notebook_param
+def test_markdown_has_no_control_characters(path):
+    """A tab or other control character in prose is almost always an escape gone wrong
+    (``"\\times"`` written in a Python string becomes a tab and ``imes``)."""
+    for index, cell in enumerate(_read(path).cells):
+        if cell.cell_type == "markdown":
+            found = re.findall(r"[\x00-\x09\x0b-\x1f\x7f]", cell.source)
+            assert not found, f"{path.name}, cell {index}: control characters {sorted({hex(ord(c)) for c in found})}"
