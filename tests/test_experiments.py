@@ -812,11 +812,15 @@ def test_recipes_score_by_the_mean_over_variants_and_never_by_one():
                     _tuning_record("adding", "c1", attention, 0.01, kind="regression")]
     # an incomplete candidate never wins
     records.append(_tuning_record("adding", "c2", "deformable", 0.0001, kind="regression"))
-    chosen = recipes.choose_recipes([schema.as_record(_full_record(r)) for r in records], variants=variants)
+    parsed = [schema.as_record(_full_record(r)) for r in records]
+    chosen = recipes.choose_recipes(parsed, variants=variants, candidates=("c0", "c1"))
     assert chosen["mnist1d"]["candidate"] == "c1"
     assert chosen["mnist1d"]["score"] == pytest.approx((0.80 + 0.78 + 0.80) / 3)
     assert chosen["adding"]["candidate"] == "c1"
     assert chosen["adding"]["candidates"]["c2"]["complete"] is False
+    # a task whose search has not finished every candidate is not decided on part of it
+    with pytest.raises(ValueError, match=r"^records: no task has every candidate finished"):
+        recipes.choose_recipes(parsed, variants=variants, candidates=("c0", "c1", "c2"))
     assert "validation_fold" not in chosen["mnist1d"]["train"] and chosen["mnist1d"]["model"] == {"dropout": 0.1}
 
 
@@ -841,8 +845,8 @@ def test_recipes_refuse_dirty_records_and_round_trip_through_json(tmp_path):
     records = [schema.as_record(_full_record(_tuning_record("mnist1d", "c0", a, 0.9, commit="b" * 40 + "-dirty")))
                for a in variants]
     with pytest.raises(ValueError, match=r"^records: 1 commit\(s\) are modified or unknown"):
-        recipes.choose_recipes(records, variants=variants)
-    chosen = recipes.choose_recipes(records, variants=variants, allow_dirty=True)
+        recipes.choose_recipes(records, variants=variants, candidates=("c0",))
+    chosen = recipes.choose_recipes(records, variants=variants, candidates=("c0",), allow_dirty=True)
     path = recipes.write_recipes(chosen, tmp_path / "recipes.json", command="python -m deform_attn.experiments recipes x")
     assert recipes.load_recipes(path) == json.loads(json.dumps(chosen))
     assert recipes.load_recipes(tmp_path / "missing.json") == {}

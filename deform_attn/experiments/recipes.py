@@ -81,7 +81,11 @@ def candidate_scores(records: Iterable[Record | dict[str, Any]], variants: Itera
 
 
 def choose_recipes(
-    records: Iterable[Record | dict[str, Any]], *, variants: Iterable[str] | None = None, allow_dirty: bool = False
+    records: Iterable[Record | dict[str, Any]],
+    *,
+    variants: Iterable[str] | None = None,
+    candidates: Iterable[str] | None = None,
+    allow_dirty: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """The best-scoring complete candidate of every task, with its recipe and all the scores.
 
@@ -89,6 +93,9 @@ def choose_recipes(
         records: the tuning records.
         variants: the variants whose mean validation metric scores a candidate; ``None``: every
             variant found in a task's tuning records (the tuning preset's variants).
+        candidates: the candidate names every task must have finished before one is chosen
+            (default: the candidates of the preset that trained the task's records), so that a
+            task whose search is under way is not decided on part of it.
         allow_dirty: also use records from a modified or unknown checkout.
 
     Returns:
@@ -108,10 +115,11 @@ def choose_recipes(
     chosen: dict[str, dict[str, Any]] = {}
     for task in sorted({r.task for r in tuning}):
         task_records = [r for r in tuning if r.task == task]
+        required = set(candidates) if candidates is not None else _preset_candidates(task_records)
         task_variants = tuple(variants) if variants is not None else tuple(sorted({r.attention for r in task_records}))
         by_candidate = candidate_scores(task_records, task_variants).get(task, {})
         complete = {name: entry for name, entry in by_candidate.items() if entry["complete"] and entry["score"] is not None}
-        if not complete:
+        if not required <= set(complete):  # the search of this task is not finished
             continue
         higher = next(iter(complete.values()))["higher_is_better"]
         best = (max if higher else min)(complete, key=lambda name: complete[name]["score"])
@@ -133,8 +141,20 @@ def choose_recipes(
             "git_commits": sorted({str(r.git_commit) for r in tuning if r.task == task}),
         }
     if not chosen:
-        raise ValueError("records: no task has a candidate with every scored variant finished")
+        raise ValueError("records: no task has every candidate finished with every scored variant")
     return chosen
+
+
+def _preset_candidates(records: list[Record]) -> set[str]:
+    """The candidate names of the preset(s) that trained ``records``."""
+    from .grid import PRESETS
+
+    names: set[str] = set()
+    for preset in {r.preset for r in records}:
+        if preset not in PRESETS or "candidates" not in PRESETS[preset]:
+            raise ValueError(f"records: preset {preset!r} defines no candidates; pass candidates=")
+        names |= {candidate["name"] for candidate in PRESETS[preset]["candidates"]}
+    return names
 
 
 def write_recipes(recipes: dict[str, dict[str, Any]], path: str | os.PathLike = RECIPES_FILE, *, command: str) -> Path:
