@@ -35,6 +35,7 @@ __all__ = [
     "inverse_transform_distance",
     "piecewise_linear_table",
     "piecewise_linear_bias",
+    "table_bias_function",
 ]
 
 
@@ -253,6 +254,15 @@ class ContinuousPositionBias(nn.Module):
         if not self.fast:
             return self.reference_bias(distance)
         return piecewise_linear_bias(distance, table if table is not None else self.table(distance.dtype), self.log_distance)
+
+
+def table_bias_function(table: PiecewiseLinearTable, log_distance: bool):
+    """``distance -> piecewise_linear_bias(distance, table, log_distance)``, for kernels that take a function."""
+
+    def bias(distance: Tensor) -> Tensor:
+        return piecewise_linear_bias(distance, table, log_distance)
+
+    return bias
 
 
 def piecewise_linear_bias(distance: Tensor, table: PiecewiseLinearTable, log_distance: bool) -> Tensor:

@@ -31,7 +31,7 @@ from .attention import DeformableAttention1D
 from .geometry import causal_visibility, sample_positions
 from .kernels import sdpa_biased_attention
 from .offsets import OffsetNetwork
-from .position_bias import PiecewiseLinearTable, piecewise_linear_bias
+from .position_bias import PiecewiseLinearTable, table_bias_function
 from .sampling import linear_sample_1d
 
 __all__ = ["CausalStream"]
@@ -113,12 +113,7 @@ class CausalStream:
         # the position bias, evaluated once: a stream serves fixed weights (eval mode)
         self.position_bias = layer.bias_for_kernels(self.positions.storage.dtype)
         if isinstance(self.position_bias, PiecewiseLinearTable):
-            table, log_distance = self.position_bias, layer.position_bias.log_distance
-
-            def bias(distance: Tensor) -> Tensor:
-                return piecewise_linear_bias(distance, table, log_distance)
-
-            self.position_bias = bias
+            self.position_bias = table_bias_function(self.position_bias, layer.position_bias.log_distance)
 
     @property
     def cells(self) -> int:

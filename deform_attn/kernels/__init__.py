@@ -20,7 +20,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..geometry import DistanceCoordinates
-from ..position_bias import PiecewiseLinearTable, piecewise_linear_bias
+from ..position_bias import PiecewiseLinearTable, table_bias_function
 from .piecewise import kink_crossings, piecewise_biased_attention
 from .plan import (
     EXPORT_QUERY_CHUNK,
@@ -115,10 +115,7 @@ def biased_attention(
         )
     if plan.kernel != "sdpa":
         raise ValueError(f"plan.kernel: expected 'piecewise', 'sdpa' or 'scan', got {plan.kernel!r}")
-    bias_function = position_bias
-    if table is not None:
-        def bias_function(distance: Tensor) -> Tensor:
-            return piecewise_linear_bias(distance, table, log_distance)
+    bias_function = position_bias if table is None else table_bias_function(table, log_distance)
     return sdpa_biased_attention(
         q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,
         position_bias=bias_function, scale=scale, chunk=plan.chunk, key_padding=key_padding, dropout_p=dropout_p,

@@ -32,23 +32,10 @@ from torch._higher_order_ops.scan import scan
 
 from ..geometry import QueryGrid
 from ..position_bias import PiecewiseLinearTable, signed_log_distance
-from ..position_bias import inverse_transform_distance
+from .piecewise import kink_crossings
 from .sdpa import padding_bias
 
 __all__ = ["scan_biased_attention", "table_bias_from_crossings"]
-
-
-def _kink_crossings(key_coordinates: Tensor, kinks: Tensor, query_grid: QueryGrid, log_distance: bool) -> Tensor:
-    """(..., m, k) int64 first query index past each kink, clamped to ``[0, 2**31]``.
-
-    :func:`deform_attn.kernels.kink_crossings` without its clamp to the sequence length: a
-    traced program must not turn the symbolic length into a float. Crossings beyond the
-    sequence land in no chunk, which is all the scan needs.
-    """
-    thresholds = inverse_transform_distance(kinks.to(torch.float64), log_distance)  # (k,)
-    # u_i - w_j > D_k  <=>  i > (w_j + D_k - c) / a
-    boundary = (key_coordinates.to(torch.float64)[..., None] + (thresholds - query_grid.origin)) / query_grid.step
-    return (boundary.clamp(-1.0, 2.0**31).floor() + 1).to(torch.int64)
 
 
 def table_bias_from_crossings(
@@ -135,7 +122,7 @@ def scan_biased_attention(
     row_coordinates = key_coordinates.unflatten(0, (batch, groups))[:, head_group].flatten(0, 1)  # (b h, m)
     crossings = row_table = None
     if table is not None:
-        crossings = _kink_crossings(row_coordinates, table.kinks, query_grid, log_distance)  # (b h, m, k)
+        crossings = kink_crossings(row_coordinates, table.kinks, None, query_grid, log_distance)  # (b h, m, k)
         head_output = torch.arange(heads, device=q.device) % (heads // groups)  # (h,)
         pieces = torch.stack([table.slopes, table.intercepts], -1).to(q.dtype)  # (k + 1, o, 2)
         row_table = pieces[:, head_output].transpose(0, 1).repeat(batch, 1, 1)  # (b h, k + 1, 2)
