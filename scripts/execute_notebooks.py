@@ -25,7 +25,8 @@ from nbclient import NotebookClient
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Notebook-level metadata worth keeping; everything else (widgets state, papermill, ...) goes.
-KEPT_NOTEBOOK_METADATA = ("kernelspec", "language_info")
+# "deform_attn" lists what the Colab install cell installs (scripts/sync_repository_url.py)
+KEPT_NOTEBOOK_METADATA = ("kernelspec", "language_info", "deform_attn")
 # Cell-level metadata that editors or executors add and the book does not use.
 VOLATILE_CELL_METADATA = ("execution", "collapsed", "scrolled", "ExecuteTime", "papermill", "jupyter")
 
