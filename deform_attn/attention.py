@@ -173,7 +173,8 @@ class DeformableAttention1D(nn.Module):
         plan = self.attention_plan(q, cells=cells, bias=bias)
         causal = {}
         if self.causal:  # (b g, m) first visible query; (b, h, 1, d) null key and value
-            null_k, null_v = (t[None, :, None].expand(batch, -1, -1, -1) for t in (self.null_key, self.null_value))
+            # under autocast q is in the low precision and the parameters are not
+            null_k, null_v = (t.to(q.dtype)[None, :, None].expand(batch, -1, -1, -1) for t in (self.null_key, self.null_value))
             causal = dict(visible_from=causal_visibility(positions, r), null_k=null_k, null_v=null_v)
         out = biased_attention(
             plan, q, k, v, coordinates=coordinates, position_bias=bias, scale=self.scale, key_padding=key_padding,

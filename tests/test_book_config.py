@@ -34,4 +34,24 @@ def test_the_footer_year_is_the_build_year():
 def test_config_registers_the_extension_and_types_no_year():
     config = yaml.safe_load((REPO_ROOT / "_config.yml").read_text())
     assert "copyright" not in config
-    assert config["sphinx"]["local_extensions"] == {"build_year": "book/_ext"}
+    assert config["sphinx"]["local_extensions"] == {"build_year": "book/_ext", "author_year_labels": "book/_ext"}
+    assert config["sphinx"]["config"]["bibtex_default_style"] == "author_year"
+
+
+def test_bibliography_labels_are_the_author_year_citations():
+    """The list's labels read like the text's citations (one citation style), from the .bib itself."""
+    import sys
+
+    from pybtex.database import parse_file
+
+    sys.path.insert(0, str(REPO_ROOT / "book" / "_ext"))
+    try:
+        from author_year_labels import AuthorYearLabels, author_year_label
+    finally:
+        sys.path.pop(0)
+    entries = parse_file(str(REPO_ROOT / "book" / "references.bib")).entries
+    labels = {key: author_year_label(entry) for key, entry in entries.items()}
+    assert labels["xia2022dat"] == "Xia et al. 2022"
+    assert all(label[-4:].isdigit() for label in labels.values()), labels
+    unique = list(AuthorYearLabels().format_labels(entries.values()))
+    assert len(set(unique)) == len(unique)
