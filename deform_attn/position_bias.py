@@ -265,20 +265,13 @@ def table_bias_function(table: PiecewiseLinearTable, log_distance: bool):
     return bias
 
 
-def piecewise_linear_bias(
-    distance: Tensor, table: PiecewiseLinearTable, log_distance: bool, interval: Tensor | None = None
-) -> Tensor:
+def piecewise_linear_bias(distance: Tensor, table: PiecewiseLinearTable, log_distance: bool) -> Tensor:
     """The table's function of ``t = transform(distance)``: (...) -> (..., o), exact first derivatives.
 
     Differentiable in ``distance`` and in the table's slopes and intercepts (once: a second
     derivative raises; use the MLP itself, :meth:`ContinuousPositionBias.reference_bias`).
-
-    Args:
-        interval: optional int32 tensor of ``distance``'s shape, the interval of each ``t``
-            (``searchsorted(kinks, t)``) when the caller knows it, as a kernel does for queries
-            on a grid (:func:`deform_attn.kernels.intervals_on_grid`); ``None``: searched here.
     """
-    return _PiecewiseLinearBias.apply(distance, table.kinks, table.slopes, table.intercepts, log_distance, interval)
+    return _PiecewiseLinearBias.apply(distance, table.kinks, table.slopes, table.intercepts, log_distance)
 
 
 class _PiecewiseLinearBias(torch.autograd.Function):
@@ -292,10 +285,10 @@ class _PiecewiseLinearBias(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, distance, kinks, slopes, intercepts, log_distance: bool, interval: Tensor | None = None):
+    def forward(ctx, distance: Tensor, kinks: Tensor, slopes: Tensor, intercepts: Tensor, log_distance: bool):
         t, magnitude = transform_distance(distance, log_distance, keep_magnitude=True)
-        if interval is None:  # int32 halves the saved index; a few hundred kinks never need more
-            interval = torch.searchsorted(kinks, t.contiguous(), out_int32=True)
+        # int32 halves the saved index; a few hundred kinks never need more
+        interval = torch.searchsorted(kinks, t.contiguous(), out_int32=True)
         flat = interval.reshape(-1)
         outputs = slopes.shape[-1]
         if outputs == 1:  # one head per group: 1-d gathers, the trailing axis only at the end
@@ -337,15 +330,10 @@ class _PiecewiseLinearBias(torch.autograd.Function):
                 grad_distance = local_derivative * grad_bias.squeeze(-1)
             else:
                 grad_distance = (local_derivative * grad_bias).sum(-1)
-        # each entry sums a share of all pairs, with cancellation: float32 sums would carry rounding
-        # of the order of the summation (which differs between kernels and thread counts)
-        wide = torch.float64 if grad_rows.dtype in (torch.float32, torch.float64) else torch.float32
         if ctx.needs_input_grad[2]:
-            grad_slopes = torch.zeros(table_shape, dtype=wide, device=grad_rows.device)
-            grad_slopes = grad_slopes.index_add_(0, flat, (grad_rows * t_rows).to(wide)).to(grad_rows.dtype)
+            grad_slopes = grad_rows.new_zeros(table_shape).index_add_(0, flat, grad_rows * t_rows)
             grad_slopes = grad_slopes.view(ctx.table_shape)
         if ctx.needs_input_grad[3]:
-            grad_intercepts = torch.zeros(table_shape, dtype=wide, device=grad_rows.device)
-            grad_intercepts = grad_intercepts.index_add_(0, flat, grad_rows.to(wide)).to(grad_rows.dtype)
+            grad_intercepts = grad_rows.new_zeros(table_shape).index_add_(0, flat, grad_rows)
             grad_intercepts = grad_intercepts.view(ctx.table_shape)
-        return grad_distance, None, grad_slopes, grad_intercepts, None, None
+        return grad_distance, None, grad_slopes, grad_intercepts, None

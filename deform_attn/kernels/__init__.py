@@ -20,9 +20,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..geometry import DistanceCoordinates
-from ..position_bias import PiecewiseLinearTable
-from .crossings import intervals_on_grid, kink_crossings
-from .piecewise import piecewise_biased_attention
+from ..position_bias import PiecewiseLinearTable, table_bias_function
+from .piecewise import kink_crossings, piecewise_biased_attention
 from .plan import (
     EXPORT_QUERY_CHUNK,
     KERNELS,
@@ -36,7 +35,7 @@ from .plan import (
     plan_attention,
 )
 from .scan import scan_biased_attention, table_bias_from_crossings
-from .sdpa import BiasFunction, TableOnGrid, sdpa_biased_attention
+from .sdpa import BiasFunction, sdpa_biased_attention
 
 __all__ = [
     "Implementation",
@@ -48,10 +47,8 @@ __all__ = [
     "sdpa_biased_attention",
     "scan_biased_attention",
     "kink_crossings",
-    "intervals_on_grid",
     "table_bias_from_crossings",
     "BiasFunction",
-    "TableOnGrid",
     "KERNELS",
     "POSITION_BIAS_EVALUATIONS",
     "SAMPLERS",
@@ -118,7 +115,7 @@ def biased_attention(
         )
     if plan.kernel != "sdpa":
         raise ValueError(f"plan.kernel: expected 'piecewise', 'sdpa' or 'scan', got {plan.kernel!r}")
-    bias_function = position_bias if table is None else TableOnGrid(table, coordinates.grid, log_distance)
+    bias_function = position_bias if table is None else table_bias_function(table, log_distance)
     return sdpa_biased_attention(
         q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,
         position_bias=bias_function, scale=scale, chunk=plan.chunk, key_padding=key_padding, dropout_p=dropout_p,

@@ -54,11 +54,38 @@ import torch
 from torch import Tensor
 
 from ..geometry import QueryGrid
-from ..position_bias import PiecewiseLinearTable, transform_distance
-from .crossings import kink_crossings
+from ..position_bias import PiecewiseLinearTable, inverse_transform_distance, transform_distance
 from .sdpa import check_causal_arguments
 
 __all__ = ["piecewise_biased_attention", "kink_crossings"]
+
+
+def kink_crossings(
+    key_coordinates: Tensor, kinks: Tensor, length: int | None, query_grid: QueryGrid, log_distance: bool
+) -> Tensor:
+    """First query index past each kink, for every key: :math:`r_{jk}` in the module docstring.
+
+    Args:
+        key_coordinates: (rows, m) key coordinates :math:`w_j`.
+        kinks: (k,) sorted kinks of the bias in ``t``.
+        length: number of queries ``n``; ``None``: no upper clamp, int64 indices up to 2**31
+            (the exported scan, which must not turn a symbolic length into a float).
+        query_grid: ``a`` and ``c`` of the query coordinates :math:`u_i = a i + c`.
+        log_distance: whether ``t`` is the signed log of the distance.
+
+    Returns:
+        (rows, m, k) int32 query indices in ``[0, n]``; ``0``: the kink is already passed at the
+        first query, ``n``: never passed inside the sequence. Computed in float64; where a pair
+        lies within rounding of a kink it may land on either side, which changes the bias by a
+        rounding error only, because the bias is continuous at its kinks.
+    """
+    thresholds = inverse_transform_distance(kinks.to(torch.float64), log_distance)  # (k,)
+    # u_i - w_j > D_k  <=>  i > (w_j + D_k - c) / a; in place: this tensor is (rows, m, k)
+    boundary = key_coordinates.to(torch.float64)[:, :, None] + (thresholds - query_grid.origin)
+    if length is None:  # a traced program must not turn a symbolic length into a float
+        return boundary.div_(query_grid.step).clamp_(-1.0, 2.0**31).floor_().add_(1).to(torch.int64)
+    boundary.div_(query_grid.step).clamp_(-1.0, float(length)).floor_().add_(1).clamp_(0, length)
+    return boundary.to(torch.int32)
 
 
 class _Events:

@@ -32,7 +32,7 @@ from torch._higher_order_ops.scan import scan
 
 from ..geometry import QueryGrid
 from ..position_bias import PiecewiseLinearTable, signed_log_distance
-from .crossings import kink_crossings
+from .piecewise import kink_crossings
 from .sdpa import padding_bias
 
 __all__ = ["scan_biased_attention", "table_bias_from_crossings"]

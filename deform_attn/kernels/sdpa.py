@@ -5,12 +5,6 @@ function supports it. The (queries x keys) bias exists one chunk of queries at a
 autograd each chunk is recomputed in the backward pass (activation checkpointing) instead of
 stored, so memory stays near one chunk's worth.
 
-When the bias is a piecewise-linear table and the queries sit on a grid (:class:`TableOnGrid`),
-each pair's interval is counted from the keys' kink crossings
-(:func:`~deform_attn.kernels.intervals_on_grid`) instead of searched pair by pair, and the bias is
-computed laid out (keys, queries) and handed to SDPA as a transposed view: the same values, without
-the binary search that dominated the kernel on short sequences.
-
 In causal mode a key is hidden from the queries before its ``visible_from`` (an additive
 :math:`-\infty` in the chunk's bias), and null keys, appended to the keys and values with a zero
 bias, are seen by every query.
@@ -22,7 +16,7 @@ chunk, m keys, e null keys, d channels per head.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,35 +24,10 @@ from einops import rearrange, repeat
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..geometry import QueryGrid
-from ..position_bias import PiecewiseLinearTable, piecewise_linear_bias
-from .crossings import intervals_on_grid, kink_crossings
-
-__all__ = [
-    "BiasFunction", "TableOnGrid", "sdpa_biased_attention", "padding_bias", "hidden_keys", "check_causal_arguments",
-]
+__all__ = ["BiasFunction", "sdpa_biased_attention", "padding_bias", "hidden_keys", "check_causal_arguments"]
 
 # distances (b g, c, m) -> bias (b g, c, m, o)
 BiasFunction = Callable[[Tensor], Tensor]
-
-
-class TableOnGrid(NamedTuple):
-    """A piecewise-linear position bias for queries on a regular grid ``u_i = step * i + origin``."""
-
-    table: PiecewiseLinearTable
-    query_grid: QueryGrid
-    log_distance: bool
-
-
-def _grid_bias(
-    bias: TableOnGrid, query_coordinates: Tensor, key_coordinates: Tensor, crossings: Tensor, start: int
-) -> Tensor:
-    """(c,) coordinates of queries ``start .. start + c - 1``, (b g, m) key coordinates, (b g, m, k)
-    kink crossings -> (b g, c, m, o) bias, a permuted view of a (b g, m, c, o) tensor."""
-    distances = query_coordinates[None, None, :] - key_coordinates[:, :, None]  # (b g, m, c)
-    interval = intervals_on_grid(crossings, start, query_coordinates.shape[0])  # (b g, m, c)
-    values = piecewise_linear_bias(distances, bias.table, bias.log_distance, interval)  # (b g, m, c, o)
-    return values.transpose(1, 2)
 
 
 def padding_bias(key_padding: Tensor, dtype: torch.dtype) -> Tensor:
@@ -111,28 +80,22 @@ def _attend_chunk(
     v: Tensor,
     query_coordinates: Tensor,
     key_coordinates: Tensor,
-    position_bias: BiasFunction | TableOnGrid | None,
+    position_bias: BiasFunction | None,
     key_padding: Tensor | None,
     scale: float,
     dropout_p: float,
     start: int = 0,
     visible_from: Tensor | None = None,
     null_keys: int = 0,
-    crossings: Tensor | None = None,
 ) -> Tensor:
     """Attention of one chunk of queries (b, h, c, d), from query ``start`` on, to all keys (b, h,
-    m + e, d), the last ``null_keys`` of them null keys; ``crossings`` (b g, m, k) with a
-    :class:`TableOnGrid` bias."""
+    m + e, d), the last ``null_keys`` of them null keys."""
     batch = q.shape[0]
     bias = None
-    if isinstance(position_bias, TableOnGrid):
-        per_group = _grid_bias(position_bias, query_coordinates, key_coordinates, crossings, start)  # (b g, c, m, o)
-    elif position_bias is not None:
-        distances = query_coordinates[None, :, None] - key_coordinates[:, None, :]  # (b g, c, m)
-        per_group = position_bias(distances)  # (b g, c, m, o)
     if position_bias is not None:
+        distances = query_coordinates[None, :, None] - key_coordinates[:, None, :]  # (b g, c, m)
         # shape: (b g, c, m, o) -> (b, g o, c, m): head = group * heads_per_group + o
-        bias = rearrange(per_group, "(b g) c m o -> b (g o) c m", b=batch).to(q.dtype)
+        bias = rearrange(position_bias(distances), "(b g) c m o -> b (g o) c m", b=batch).to(q.dtype)
     if key_padding is not None:
         padding = padding_bias(key_padding, q.dtype)
         bias = padding if bias is None else bias + padding
@@ -154,7 +117,7 @@ def sdpa_biased_attention(
     *,
     query_coordinates: Tensor,
     key_coordinates: Tensor,
-    position_bias: BiasFunction | TableOnGrid | None,
+    position_bias: BiasFunction | None,
     scale: float,
     chunk: int,
     key_padding: Tensor | None = None,
@@ -175,9 +138,7 @@ def sdpa_biased_attention(
         query_coordinates: (n,) query coordinates :math:`u_i`.
         key_coordinates: (b g, m) key coordinates :math:`w_j` per offset group.
         position_bias: maps distances (b g, c, m) to biases (b g, c, m, h / g), e.g.
-            :class:`deform_attn.ContinuousPositionBias` with a table bound; a
-            :class:`TableOnGrid` when ``query_coordinates`` lie on its grid (the same values,
-            evaluated without a search per pair); ``None``: no bias.
+            :class:`deform_attn.ContinuousPositionBias` with a table bound; ``None``: no bias.
         scale: factor on ``q k^T``.
         chunk: queries per chunk (``>= n``: one call).
         key_padding: optional (b, m) bool, True where a key does not exist.
@@ -194,19 +155,13 @@ def sdpa_biased_attention(
     """
     check_causal_arguments(q, key_coordinates, visible_from, null_k, null_v)
     length = q.shape[2]
-    crossings = None
-    if isinstance(position_bias, TableOnGrid):  # (b g, m, k): not differentiable, found once for all chunks
-        table = position_bias.table
-        crossings = kink_crossings(
-            key_coordinates.detach(), table.kinks, length, position_bias.query_grid, position_bias.log_distance
-        )
     null_keys = 0
     if null_k is not None:  # (b, h, m + e, d); k and v now carry null_k's and null_v's gradients
         k, v, null_keys = torch.cat([k, null_k], dim=2), torch.cat([v, null_v], dim=2), null_k.shape[2]
     if chunk >= length:
         return _attend_chunk(
             q, k, v, query_coordinates, key_coordinates, position_bias, key_padding, scale, dropout_p,
-            visible_from=visible_from, null_keys=null_keys, crossings=crossings,
+            visible_from=visible_from, null_keys=null_keys,
         )
     # recompute each chunk in the backward pass rather than store its (c x m) tensors
     needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, key_coordinates))
@@ -215,7 +170,7 @@ def sdpa_biased_attention(
         stop = start + chunk
         chunk_arguments = (
             q[:, :, start:stop], k, v, query_coordinates[start:stop], key_coordinates, position_bias, key_padding,
-            scale, dropout_p, start, visible_from, null_keys, crossings,
+            scale, dropout_p, start, visible_from, null_keys,
         )
         if needs_graph:
             outputs.append(checkpoint(_attend_chunk, *chunk_arguments, use_reentrant=False))
