@@ -1,5 +1,6 @@
 """Shared test configuration: the ``slow`` marker, the hypothesis profile, seeds, error measures,
-and the one small layer the tests build (:func:`make_layer`).
+the one small layer the tests build (:func:`make_layer`), and the package's wheel that the Colab-like
+tests install (``package_wheel``).
 
 Tests marked ``slow`` (cold ``torch.compile`` with inductor takes over a minute on a 2-core CPU)
 are skipped unless ``--runslow`` is given or ``DEFORM_ATTN_RUN_SLOW=1`` is set.
@@ -8,6 +9,10 @@ are skipped unless ``--runslow`` is given or ``DEFORM_ATTN_RUN_SLOW=1`` is set.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +43,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# what a wheel build leaves out of its copy of the repository: everything that is not the package
+NOT_PART_OF_THE_PACKAGE = (
+    ".git", ".venv", "venv", "_build", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+    ".hypothesis", ".ipynb_checkpoints", "notebooks", "colab", "bench-out", ".cache", "results",
+)
+
+
+@pytest.fixture(scope="session")
+def package_wheel(tmp_path_factory) -> Path:
+    """The package's wheel, as ``pip wheel --no-deps --no-build-isolation`` builds it.
+
+    Built from a copy of the repository, so that nothing is written into the working tree, and
+    without build isolation, so that it needs no network. Shared by the Colab-like tests.
+    """
+    work = tmp_path_factory.mktemp("wheel")
+    source, wheels = work / "source", work / "wheels"
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(*NOT_PART_OF_THE_PACKAGE))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source)], check=True)
+    (wheel,) = wheels.glob("deform_attn-*.whl")
+    return wheel
 
 
 @pytest.fixture(autouse=True)
@@ -122,3 +151,13 @@ def make_layer(
     elif position_bias != "cpb":
         raise ValueError(f"position_bias: expected 'cpb' or 'none', got {position_bias!r}")
     return layer.train(train)
+
+
+def trained_looking(layer: DeformableAttention1D, scale: float = 3.0) -> DeformableAttention1D:
+    """Larger, less regular CPB weights and large offsets: many kinks inside the distance range."""
+    with torch.no_grad():
+        for linear in layer.position_bias.linears:
+            linear.weight.mul_(scale)
+            linear.bias.normal_(0, scale)
+        layer.to_offsets.pointwise.weight.mul_(10)
+    return layer

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import gradient_errors, max_relative_error
+from conftest import gradient_errors, max_relative_error, trained_looking
 
 from deform_attn import DeformableAttention1D
 from deform_attn.geometry import distance_coordinates, query_key_distances
@@ -34,16 +34,6 @@ def outputs_and_grads(layer, x, mask=None):
     weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
     grads = torch.autograd.grad((out * weights).sum(), [x, *layer.parameters()])
     return out.detach(), grads
-
-
-def trained_looking(layer: DeformableAttention1D, scale: float = 3.0) -> DeformableAttention1D:
-    """Larger, less regular CPB weights and large offsets: many kinks inside the distance range."""
-    with torch.no_grad():
-        for linear in layer.position_bias.linears:
-            linear.weight.mul_(scale)
-            linear.bias.normal_(0, scale)
-        layer.to_offsets.pointwise.weight.mul_(10)
-    return layer
 
 
 @pytest.mark.parametrize("geometry", ["centered", "lucidrains"])
