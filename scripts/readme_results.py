@@ -1,0 +1,157 @@
+"""Write the README's measured numbers from the committed results, never by hand.
+
+    python scripts/readme_results.py            # rewrite the generated blocks of README.md
+    python scripts/readme_results.py --check    # exit 1 if a block is out of date
+
+A generated block sits between ``<!-- generated: NAME -->`` and ``<!-- end generated -->``;
+everything else in the README is prose. The blocks:
+
+- ``performance``: the long-sequence benchmark (``deform_attn/data/bench/cpu-2core-fp32``), median
+  time and peak memory of a training step per case and length, the reference parity, and the
+  speed ratios against full attention;
+- ``ablations``: the paired differences of the published ``cpu`` ablation records
+  (``deform_attn/experiments/data/cpu``).
+
+``tests/test_readme.py`` runs the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+README = REPO_ROOT / "README.md"
+BENCH = REPO_ROOT / "deform_attn" / "data" / "bench" / "cpu-2core-fp32"
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.DOTALL)
+CASES = {
+    "a": "(a) deformable-attention",
+    "b": "(b) ours, lucidrains geometry",
+    "c": "(c) ours, default",
+    "d": "(d) full attention",
+    "e": "(e) ours, SDPA kernel",
+}
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3g} s"
+
+
+def _bench_rows(folder: Path = BENCH) -> dict[tuple[str, int, str], dict]:
+    with open(folder / "results.csv", newline="") as handle:
+        return {(row["case"], int(row["n"]), row["mode"]): row for row in csv.DictReader(handle)}
+
+
+def performance_block(folder: Path = BENCH) -> str:
+    rows = _bench_rows(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    lengths = sorted({n for _, n, _ in rows})
+    lines = ["| n | " + " | ".join(CASES.values()) + " |", "| --- |" + " --- |" * len(CASES)]
+    for n in lengths:
+        cells = []
+        for case in CASES:
+            row = rows.get((case, n, "fwd+bwd"))
+            if row is None:
+                cells.append("not run")
+            elif row["status"] != "ok":
+                cells.append("does not fit" if row["status"] == "skipped" else row["status"])
+            else:
+                cells.append(f"{_seconds(float(row['median_s']))} / {float(row['peak_bytes']) / 2**20:.0f} MiB")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+
+    def ratio(n: int, mode: str) -> float | None:
+        ours, full = rows.get(("c", n, mode)), rows.get(("d", n, mode))
+        if not ours or not full or "ok" not in (ours["status"], full["status"]) or ours["status"] != full["status"]:
+            return None
+        return float(full["median_s"]) / float(ours["median_s"])
+
+    parity = meta["parity"]["max_abs_diff"]
+    training = [(n, ratio(n, "fwd+bwd")) for n in lengths if ratio(n, "fwd+bwd") is not None]
+    forward = [(n, ratio(n, "fwd")) for n in lengths if ratio(n, "fwd") is not None]
+    faster_forward = [n for n, value in forward if value > 1]
+    prose = " ".join([
+        f"Case (b) returns case (a)'s output to {parity:.2g} (largest absolute difference). Full attention's",
+        "time over the default layer's (above 1: the default layer is faster), forward + backward: "
+        + ", ".join(f"{value:.2f}× at {n}" for n, value in training) + "; forward alone: "
+        + ", ".join(f"{value:.2f}× at {n}" for n, value in forward) + ".",
+        "The forward pass alone is faster from n = " + (str(min(faster_forward)) if faster_forward else "—")
+        + " on. Environment: " + f"{meta['environment']['cpu_model']}, {meta['environment']['torch_threads']} threads, "
+        + f"torch {meta['environment']['torch_version']}, fp32, dim {meta['settings']['dim']}, "
+        + f"{meta['settings']['heads']} heads × {meta['settings']['dim_head']}, r = {meta['settings']['downsample']}, "
+        + f"batch {meta['settings']['batch']}.",
+    ])
+    return "\n".join(lines) + "\n\n" + textwrap.fill(prose, width=100) + "\n"
+
+
+def ablations_block() -> str:
+    from deform_attn.experiments.results import load_published, paired_differences
+
+    records, _ = load_published("cpu")
+    tasks = sorted({record["task"] for record in records})
+    contrasts = (("deformable", "downsampled"), ("deformable", "full"), ("bug018", "deformable"))
+    table: dict[tuple[str, str, str], dict] = {}
+    for variant, reference in contrasts:
+        for row in paired_differences(records, reference=reference):
+            if row["variant"] == variant:
+                table[(row["task"], variant, reference)] = row
+    lines = [
+        "| task (metric) | " + " | ".join(f"{v} − {r}" for v, r in contrasts) + " |",
+        "| --- |" + " --- |" * len(contrasts),
+    ]
+    for task in tasks:
+        metric = next(record["primary_metric"] for record in records if record["task"] == task)
+        accuracy = "accuracy" in metric
+        cells = []
+        for variant, reference in contrasts:
+            row = table.get((task, variant, reference))
+            if row is None:
+                cells.append("—")
+                continue
+            scale = 100 if accuracy else 1  # accuracy in points
+            mean, half = row["mean"] * scale, row["ci95"] * scale
+            fmt = ".1f" if accuracy else ".4f"
+            cells.append(f"{mean:+{fmt}} [{mean - half:+{fmt}}, {mean + half:+{fmt}}] (n = {row['n']})")
+        unit = "accuracy points" if accuracy else metric.replace("_", " ")
+        lines.append(f"| {task} ({unit}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+GENERATORS = {"performance": performance_block, "ablations": ablations_block}
+
+
+def render(text: str) -> str:
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in GENERATORS:
+            raise KeyError(f"README.md: unknown generated block {name!r}; known: {sorted(GENERATORS)}")
+        return match.group(1) + GENERATORS[name]() + match.group(4)
+
+    return BLOCK.sub(replace, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date; write nothing")
+    args = parser.parse_args(argv)
+    text = README.read_text(encoding="utf-8")
+    updated = render(text)
+    if args.check:
+        if updated != text:
+            print("README.md: generated blocks are out of date; run scripts/readme_results.py", file=sys.stderr)
+            return 1
+        return 0
+    if updated != text:
+        README.write_text(updated, encoding="utf-8")
+        print("updated README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
