@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-deps book test notebooks clean
+.PHONY: setup system-deps book test notebooks colab clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,11 +38,17 @@ book: setup
 test: book system-deps
 	$(BIN)/python -m pytest tests
 	DEFORM_ATTN_QUICK=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env \
-	  --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks book/intro.ipynb
 
-# Re-execute every notebook after a package change (outputs are committed).
+# Re-execute every notebook after a package change (outputs are committed), then rewrite the
+# Colab copies from them.
 notebooks: setup
 	$(BIN)/python scripts/execute_notebooks.py
+	$(BIN)/python scripts/make_colab_copies.py
+
+# The Colab copies (colab/, what the badges open) after a change to a chapter's text.
+colab: setup
+	$(BIN)/python scripts/make_colab_copies.py
 
 clean:
 	rm -rf _build

@@ -1,6 +1,6 @@
 """Re-execute notebooks in place, top to bottom, so their committed outputs match the package.
 
-    python scripts/execute_notebooks.py                      # every notebook in notebooks/
+    python scripts/execute_notebooks.py                      # notebooks/ and book/ (the introduction)
     python scripts/execute_notebooks.py notebooks/02_grid_sampling.ipynb
     python scripts/execute_notebooks.py --quick              # DEFORM_ATTN_QUICK=1 (smoke run)
 
@@ -9,11 +9,16 @@ own folder as the working directory and ``DEFORM_ATTN_QUICK=0`` unless ``--quick
 the run, execution timestamps and other volatile metadata are stripped, so re-running an unchanged
 notebook on the same machine gives the same file except for timings the notebook itself prints.
 A notebook that raises stops the script with a non-zero exit status and is left unchanged on disk.
+
+A full run (without ``--quick``) records each chapter's wall time, with the machine, torch and the
+commit, in ``notebooks/run_times.json``; ``scripts/chapter_headers.py`` shows it at the top of
+the chapter.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -63,13 +68,33 @@ def execute(path: Path, *, quick: bool, timeout: int, kernel_name: str = "python
     return elapsed
 
 
+RUN_TIMES = REPO_ROOT / "notebooks" / "run_times.json"
+
+
+def record_run_time(path: Path, seconds: float, run_times_path: Path = RUN_TIMES) -> None:
+    """Store one chapter's full-run wall time, with the machine it ran on, in ``run_times_path``."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from deform_attn.provenance import environment
+
+    env = environment()
+    machine = f"{env['cpu_count']} CPU cores ({env['cpu_model']}), torch {env['torch']}"
+    record = json.loads(run_times_path.read_text(encoding="utf-8")) if run_times_path.exists() else {}
+    if record.get("machine") != machine:  # times from another machine are not comparable
+        record = {"machine": machine, "chapters": {}}
+    record.setdefault("chapters", {})[path.stem] = {"seconds": round(seconds, 1), "commit": env["git_commit"]}
+    record["chapters"] = dict(sorted(record["chapters"].items()))
+    run_times_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: notebooks/*.ipynb)")
+    parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: notebooks/ and book/)")
     parser.add_argument("--quick", action="store_true", help="set DEFORM_ATTN_QUICK=1 (smoke run)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell (default 1800)")
     args = parser.parse_args(argv)
-    paths = args.notebooks or sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
+    paths = args.notebooks or [
+        *sorted((REPO_ROOT / "notebooks").glob("*.ipynb")), *sorted((REPO_ROOT / "book").glob("*.ipynb"))
+    ]
     if not paths:
         print("no notebooks found", file=sys.stderr)
         return 1
@@ -77,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"executing {path} ...", flush=True)
         seconds = execute(path.resolve(), quick=args.quick, timeout=args.timeout)
         size_kib = path.stat().st_size / 1024
+        if not args.quick and path.resolve().parent == (REPO_ROOT / "notebooks").resolve():
+            record_run_time(path, seconds)
         print(f"  done in {seconds:.1f} s, {size_kib:.0f} KiB", flush=True)
     return 0
 

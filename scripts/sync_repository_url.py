@@ -2,13 +2,16 @@
 
 The repository URL lives in one place, ``repository.url`` (and ``repository.branch``) in
 ``_config.yml``. Each notebook repeats it twice: in the *Open in Colab* badge of its first cell and
-in the install command of its first code cell. The install command also installs what the chapter
-needs beyond Colab's own packages: the package extras and further requirements listed in the
-notebook's metadata, ``{"deform_attn": {"colab_extras": [...], "colab_requires": [...]}}``.
+in the install command of its first code cell. The badge opens the chapter's Colab copy,
+``colab/NN_topic.ipynb``, which scripts/make_colab_copies.py writes from the chapter (Colab renders
+plain Markdown, not the book's MyST). The install command also installs what the chapter needs
+beyond Colab's own packages: the package extras and further requirements listed in the notebook's
+metadata, ``{"deform_attn": {"colab_extras": [...], "colab_requires": [...]}}``.
 After changing the URL or those lists, run
 
     python scripts/sync_repository_url.py            # rewrite the notebooks
     python scripts/sync_repository_url.py --check    # exit 1 if any notebook is out of date
+    python scripts/make_colab_copies.py              # then bring the Colab copies up to date
 
 ``tests/test_notebooks.py`` imports the helpers below, so the test and the rewrite cannot disagree.
 """
@@ -18,13 +21,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import nbformat
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = "notebooks"
+COLAB_DIR = "colab"
 
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 BADGE_PATTERN = re.compile(r"\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)")
@@ -59,9 +63,14 @@ def colab_url(url: str, branch: str, notebook: str) -> str:
     return f"https://colab.research.google.com/github/{owner_and_name}/blob/{branch}/{notebook}"
 
 
+def colab_copy_relpath(notebook: str) -> str:
+    """The Colab copy of a chapter: ``notebooks/NN_topic.ipynb`` -> ``colab/NN_topic.ipynb``."""
+    return f"{COLAB_DIR}/{PurePosixPath(notebook).name}"
+
+
 def badge(url: str, branch: str, notebook: str) -> str:
-    """The Markdown of the *Open in Colab* badge for ``notebook``."""
-    return f"[![Open In Colab]({BADGE_IMAGE})]({colab_url(url, branch, notebook)})"
+    """The Markdown of the *Open in Colab* badge for ``notebook``: it opens the Colab copy."""
+    return f"[![Open In Colab]({BADGE_IMAGE})]({colab_url(url, branch, colab_copy_relpath(notebook))})"
 
 
 def colab_requirements(nb: nbformat.NotebookNode) -> tuple[list[str], list[str]]:
@@ -144,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             sync(nb, relpath, url, branch)
             nbformat.write(nb, path)
             print(f"updated {relpath}")
+    if stale and not args.check:
+        print("now run `python scripts/make_colab_copies.py` to update the Colab copies")
     if args.check:
         for line in stale:
             print(line, file=sys.stderr)

@@ -51,7 +51,7 @@ def test_bibliography_labels_are_the_author_year_citations():
         sys.path.pop(0)
     entries = parse_file(str(REPO_ROOT / "book" / "references.bib")).entries
     labels = {key: author_year_label(entry) for key, entry in entries.items()}
-    assert labels["xia2022dat"] == "Xia et al. 2022"
+    assert labels["xia2022dat"] == "Xia et al., 2022"
     assert all(label[-4:].isdigit() for label in labels.values()), labels
     unique = list(AuthorYearLabels().format_labels(entries.values()))
     assert len(set(unique)) == len(unique)

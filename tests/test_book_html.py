@@ -14,7 +14,9 @@ How it works, offline:
   --disable-sync --no-first-run``, a fresh ``--user-data-dir``, and ``--host-resolver-rules`` that
   make every host but 127.0.0.1 unresolvable, so nothing is fetched from the internet. Each run
   uses ``--virtual-time-budget`` to let scripts finish, then ``--dump-dom`` (the DOM after the
-  scripts ran) and ``--screenshot`` (a 1280x2000 PNG into ``_build/screenshots/``).
+  scripts ran) and ``--screenshot`` (a 1440x2000 PNG into ``_build/screenshots/``). A window of
+  1440 pixels is the narrowest at which the theme's text column has its full width, about 790
+  pixels: 88 columns of code.
 * **MathJax.** The pages load MathJax 3 from its CDN, which is unreachable offline. The test serves
   ``_build/html`` from a localhost ``http.server`` that rewrites the CDN script URL to a local copy
   of the ``mathjax@3`` npm package, installed beforehand with
@@ -30,6 +32,12 @@ shown; every figure output of the source notebook appears as an image that actua
 equation is typeset, without MathJax errors; every internal link and asset (``href``/``src``)
 points to a file that exists, and a link's ``#fragment`` to an id on the target page.
 External images (the Colab badge) cannot load offline and are not checked.
+
+Checked for the page as a reader sees it: no code block, printed output, cell output, display
+equation or table is wider than its box (``scrollWidth > clientWidth``: a scroll bar or a clipped
+line); every image a cell outputs sits in a ``figure`` whose ``figcaption`` carries a number
+(``Fig. N``) and a caption; every output image was drawn at 110 dpi or more and is shown at no less
+than 96 of its pixels per inch, so that text of 10 pt in the figure shows at 10 pt or more.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import threading
 from html.parser import HTMLParser
@@ -71,10 +80,24 @@ CHROMIUM_FLAGS = [
     "--disable-dev-shm-usage",
     "--hide-scrollbars",
     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-    "--window-size=1280,2000",
+    "--window-size=1440,2000",
     "--virtual-time-budget=30000",
 ]
 TRACEBACK_MARKERS = ("Traceback (most recent call last)", "ipythontb", "output traceback")
+
+# What must fit the width of the page: code, printed output, display equations and tables. An
+# element whose content is wider than its box (scrollWidth > clientWidth) shows the reader a scroll
+# bar or a clipped line. Collapsed (hidden) code has no width and is checked from the sources by
+# tests/test_book_form.py instead.
+OVERFLOW_SELECTORS = (
+    "div.highlight pre",
+    "div.output",
+    "div.output pre",
+    ".cell_output",
+    "div.math",
+    'mjx-container[display="true"]',
+    ".pst-scrollable-table-container",
+)
 
 # Appended to every served page: once MathJax has typeset (or at once, on pages without math),
 # write what the browser sees into a hidden <pre> that --dump-dom captures.
@@ -91,6 +114,28 @@ window.addEventListener("load", function () {
       errors: document.querySelectorAll("mjx-merror, [data-mjx-error]").length,
       images: Array.from(document.images).map(function (img) {
         return {src: img.getAttribute("src"), loaded: img.complete && img.naturalWidth > 0};
+      }),
+      overflow: Array.from(document.querySelectorAll(%s)).filter(function (element) {
+        return element.scrollWidth > element.clientWidth + 1;
+      }).map(function (element) {
+        return {
+          element: element.tagName.toLowerCase() + "." + String(element.className).split(" ")[0],
+          text: element.textContent.trim().slice(0, 80),
+          content: element.scrollWidth,
+          box: element.clientWidth
+        };
+      }),
+      outputImages: Array.from(document.querySelectorAll(".cell_output img")).map(function (img) {
+        var figure = img.closest("figure");
+        var number = figure && figure.querySelector("figcaption .caption-number");
+        var caption = figure && figure.querySelector("figcaption .caption-text");
+        return {
+          src: img.getAttribute("src"),
+          natural: img.naturalWidth,
+          shown: img.getBoundingClientRect().width,
+          number: number ? number.textContent.trim() : null,
+          caption: caption ? caption.textContent.trim() : ""
+        };
       })
     });
     document.body.appendChild(out);
@@ -102,7 +147,7 @@ window.addEventListener("load", function () {
   }
 });
 </script>
-""" % REPORT_ID
+""" % (REPORT_ID, json.dumps(", ".join(OVERFLOW_SELECTORS)))
 
 
 def _toc_entries() -> list[str]:
@@ -272,20 +317,18 @@ def _expected_figures(source: Path) -> int:
     return count
 
 
-@pytest.mark.parametrize("entry", PAGES)
-def test_page_in_browser(entry, chromium, server, html_dir, tmp_path):
-    page_file = html_dir / f"{entry}.html"
-    assert page_file.is_file(), f"{entry} is in _toc.yml but {page_file} was not built"
-    built = _parse(page_file.read_text(encoding="utf-8"))
+def _render(entry: str, chromium: str, server: str, workdir: Path) -> tuple[dict, _Page, Path]:
+    """Load one page in headless Chromium: the script's report, the DOM after the scripts ran, and
+    the screenshot."""
     SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
     screenshot = SCREENSHOT_DIR / f"{entry.replace('/', '__')}.png"
     screenshot.unlink(missing_ok=True)
-
+    workdir.mkdir(parents=True, exist_ok=True)
     run = subprocess.run(
         [
             chromium,
             *CHROMIUM_FLAGS,
-            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--user-data-dir={workdir / 'profile'}",
             f"--screenshot={screenshot}",
             "--dump-dom",
             f"{server}/{entry}.html",
@@ -293,12 +336,34 @@ def test_page_in_browser(entry, chromium, server, html_dir, tmp_path):
         capture_output=True,
         text=True,
         timeout=180,
-        cwd=tmp_path,
+        cwd=workdir,
     )
     assert run.returncode == 0, f"chromium failed on {entry}: {run.stderr[-2000:]}"
     dom = _parse(run.stdout)
     assert dom.report, f"{entry}: the page's scripts did not finish (no report in the DOM)"
-    report = json.loads(dom.report)
+    return json.loads(dom.report), dom, screenshot
+
+
+@pytest.fixture(scope="module")
+def rendered(chromium, server, tmp_path_factory):
+    """``rendered(entry)``: the page as the browser shows it, loaded once for all checks."""
+    pages: dict[str, tuple[dict, _Page, Path]] = {}
+
+    def render(entry: str) -> tuple[dict, _Page, Path]:
+        if entry not in pages:
+            workdir = tmp_path_factory.mktemp(entry.replace("/", "__"))
+            pages[entry] = _render(entry, chromium, server, workdir)
+        return pages[entry]
+
+    return render
+
+
+@pytest.mark.parametrize("entry", PAGES)
+def test_page_in_browser(entry, rendered, html_dir):
+    page_file = html_dir / f"{entry}.html"
+    assert page_file.is_file(), f"{entry} is in _toc.yml but {page_file} was not built"
+    built = _parse(page_file.read_text(encoding="utf-8"))
+    report, dom, screenshot = rendered(entry)
 
     text = html.unescape(" ".join(dom.text))
     for marker in TRACEBACK_MARKERS:
@@ -317,6 +382,88 @@ def test_page_in_browser(entry, chromium, server, html_dir, tmp_path):
         assert report["errors"] == 0, f"{entry}: {report['errors']} MathJax errors"
 
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000, f"{entry}: no screenshot in {screenshot}"
+
+
+@pytest.mark.parametrize("entry", PAGES)
+def test_nothing_is_wider_than_the_page(entry, rendered):
+    """Code, output, equations and tables fit the text column at the 1280-pixel window: nothing
+    scrolls sideways or is clipped."""
+    report, _, _ = rendered(entry)
+    wide = [
+        f"{item['element']} ({item['content']} px in {item['box']} px): {item['text']!r}"
+        for item in report["overflow"]
+    ]
+    assert not wide, f"{entry}: wider than the page:\n" + "\n".join(wide)
+
+
+@pytest.mark.parametrize("entry", PAGES)
+def test_output_images_are_numbered_figures(entry, rendered):
+    """Every image a cell outputs sits in a figure whose caption has a number (``Fig. N``) and
+    says something (the cell's ``mystnb.figure`` metadata)."""
+    report, _, _ = rendered(entry)
+    loose = [
+        img["src"]
+        for img in report["outputImages"]
+        if not (img["number"] and re.fullmatch(r"Fig\. \d+", img["number"]) and len(img["caption"]) > 20)
+    ]
+    assert not loose, f"{entry}: output images without a numbered, captioned figure: {loose}"
+
+
+def png_dpi(path: Path) -> float | None:
+    """The resolution a PNG records in its pHYs chunk (matplotlib writes the figure's dpi), or None."""
+    data = path.read_bytes()
+    position = 8  # after the signature
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        if kind == b"pHYs":
+            per_unit_x, _, unit = struct.unpack(">IIB", data[position + 8 : position + 17])
+            return per_unit_x * 0.0254 if unit == 1 else None  # unit 1: pixels per metre
+        if kind == b"IDAT":
+            return None  # pHYs must come before the image data
+        position += 12 + length
+    return None
+
+
+# A figure is drawn at MIN_FIGURE_DPI or more, and shown at no less than CSS_DPI pixels per inch
+# of the figure: a CSS pixel is 1/96 inch, so a font of 10 pt in the figure then shows at 10 pt or
+# more. A figure wider than the text column is scaled down and fails the second bound.
+MIN_FIGURE_DPI = 110
+CSS_DPI = 96
+
+
+@pytest.mark.parametrize("entry", PAGES)
+def test_figures_are_readable_at_page_width(entry, rendered, html_dir):
+    report, _, _ = rendered(entry)
+    unreadable = []
+    for img in report["outputImages"]:
+        path = (html_dir / entry).parent / unquote(img["src"])
+        if path.suffix != ".png" or not img["natural"]:
+            continue
+        dpi = png_dpi(path)
+        if dpi is None or dpi < MIN_FIGURE_DPI - 0.5:
+            unreadable.append(f"{img['src']}: drawn at {dpi} dpi, fewer than {MIN_FIGURE_DPI}")
+            continue
+        shown_dpi = dpi * img["shown"] / img["natural"]
+        if shown_dpi < CSS_DPI - 0.5:
+            unreadable.append(
+                f"{img['src']}: {img['natural']} px wide, shown at {img['shown']:.0f} px, so its text "
+                f"shows at {shown_dpi / CSS_DPI:.0%} of its size; make the figure narrower"
+            )
+    assert not unreadable, f"{entry}: figures too small to read:\n" + "\n".join(unreadable)
+
+
+def test_png_dpi_reads_the_resolution(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure(figsize=(2, 1), dpi=120)
+    figure.savefig(tmp_path / "f.png")
+    plt.close(figure)
+    assert png_dpi(tmp_path / "f.png") == pytest.approx(120, abs=0.1)
+    (tmp_path / "none.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I4s", 0, b"IDAT"))
+    assert png_dpi(tmp_path / "none.png") is None
 
 
 @pytest.mark.parametrize("entry", PAGES)

@@ -4,7 +4,7 @@ In Colab a notebook is opened on its own, with no repository around it, and the 
 ``pip install``. This test reproduces that without a network:
 
 1. build a wheel of the package (``pip wheel --no-deps --no-build-isolation``) from a copy of the
-   repository, so that nothing is written into the working tree;
+   repository, so that nothing is written into the working tree (conftest.package_wheel);
 2. install it, non-editable, into a temporary target folder (``pip install --no-deps --target``);
 3. copy each notebook **alone** into an empty temporary folder and execute it there with nbclient,
    in a kernel whose ``PYTHONPATH`` is the target folder, so the wheel's copy of ``deform_attn``
@@ -13,13 +13,13 @@ In Colab a notebook is opened on its own, with no repository around it, and the 
 
 This catches what the in-repository run cannot: a notebook that reads a file relative to the
 repository, or package data missing from the wheel. Notebooks run with ``DEFORM_ATTN_QUICK=1``.
-The install cell itself does nothing outside Colab; tests/test_notebooks.py checks its URL.
+The install cell itself does nothing outside Colab; tests/test_notebooks.py checks its URL, and
+tests/test_colab_bare.py runs it, in an environment holding only Colab's own packages.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,24 +30,15 @@ from nbclient import NotebookClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
-NOT_PART_OF_THE_PACKAGE = (
-    ".git", ".venv", "venv", "_build", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-    ".hypothesis", ".ipynb_checkpoints", "notebooks", "bench-out",
-)
 CELL_TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="module")
-def installed_wheel(tmp_path_factory) -> Path:
-    """The target folder holding the wheel's ``deform_attn``."""
-    work = tmp_path_factory.mktemp("colab")
-    source = work / "source"
-    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(*NOT_PART_OF_THE_PACKAGE))
-    wheels, target = work / "wheels", work / "site"
+def installed_wheel(package_wheel, tmp_path_factory) -> Path:
+    """The target folder holding the wheel's ``deform_attn`` (the wheel: conftest.package_wheel)."""
+    target = tmp_path_factory.mktemp("colab") / "site"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source)], check=True)
-    (wheel,) = wheels.glob("deform_attn-*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel)], check=True)
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(package_wheel)], check=True)
     assert (target / "deform_attn" / "__init__.py").is_file(), f"the wheel did not install deform_attn into {target}"
     return target
 

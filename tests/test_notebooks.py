@@ -67,6 +67,8 @@ def _walk_keys(tree):
 
 
 notebook_param = pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+# the heading, in a markdown cell of its own, of the worked solutions after the exercises
+SOLUTIONS_HEADING = "### Solutions"
 
 
 def test_there_are_notebooks():
@@ -168,10 +170,43 @@ def test_ends_with_summary_and_exercises(path):
     names = [heading for _, heading in headings]
     assert names[-2:] == ["## Summary", "## Exercises"], f"{path.name}: the last sections must be Summary, Exercises; got {names[-2:]}"
     summary_cell = headings[-2][0]
-    assert all(cell.cell_type == "markdown" for cell in cells[summary_cell:]), f"{path.name}: code after the Summary"
-    exercises = "\n".join(cell.source for cell in cells[headings[-1][0]:]).split("## Exercises", 1)[1]
+    solutions = next(
+        (index for index, cell in enumerate(cells)
+         if cell.cell_type == "markdown" and cell.source.strip() == SOLUTIONS_HEADING),
+        len(cells),
+    )
+    assert solutions > headings[-1][0], f"{path.name}: the solutions come after the exercises"
+    assert all(cell.cell_type == "markdown" for cell in cells[summary_cell:solutions]), f"{path.name}: code after the Summary"
+    exercises = "\n".join(cell.source for cell in cells[headings[-1][0]:solutions]).split("## Exercises", 1)[1]
     count = len(re.findall(r"^(?:\d+\.|[-*]) ", exercises, flags=re.MULTILINE))
     assert 2 <= count <= 4, f"{path.name}: {count} exercises; expected 2 to 4 top-level list items"
+
+
+@notebook_param
+def test_every_exercise_has_a_hidden_solution(path):
+    """After the exercises, ``### Solutions``: one dropdown per exercise, in order, and code
+    cells (the worked computations) hidden behind a toggle in the book."""
+    cells = _read(path).cells
+    start = next(
+        (index for index, cell in enumerate(cells)
+         if cell.cell_type == "markdown" and cell.source.strip() == SOLUTIONS_HEADING),
+        None,
+    )
+    assert start is not None, f"{path.name}: no `{SOLUTIONS_HEADING}` cell after the exercises"
+    exercises = "\n".join(cell.source for cell in cells[:start]).rsplit("## Exercises", 1)[1]
+    count = len(re.findall(r"^\d+\. ", exercises, flags=re.MULTILINE))
+    titles = [
+        match
+        for cell in cells[start + 1:]
+        if cell.cell_type == "markdown"
+        for match in re.findall(r"^:::\{admonition\} Solution to exercise (\d+)$", cell.source, flags=re.MULTILINE)
+    ]
+    assert titles == [str(k) for k in range(1, count + 1)], f"{path.name}: solutions {titles} for {count} exercises"
+    for cell in cells[start + 1:]:
+        if cell.cell_type == "markdown":
+            assert ":class: dropdown" in cell.source, f"{path.name}: a solution that is not a dropdown"
+        else:
+            assert "hide-cell" in cell.metadata.get("tags", []), f"{path.name}: a solution's code cell without hide-cell"
 
 
 @notebook_param
