@@ -4,8 +4,8 @@ how long it runs.
     python scripts/chapter_headers.py            # rewrite the header cells
     python scripts/chapter_headers.py --check    # exit 1 if any header is out of date
 
-The header is the Markdown cell right after a chapter's title cell, marked by the cell tag
-``chapter-header``. Its three lines come from data, never typed into the notebook:
+The header is the Markdown cell right after a chapter's title cell and its Colab install cell
+(which the book hides), marked by the cell tag ``chapter-header``. Its three lines come from data, never typed into the notebook:
 
 - **You are here**: the layer's stages in data-flow order, the chapter's own in bold, from
   ``deform_attn.diagram`` (the introduction draws the same stages);
@@ -33,6 +33,7 @@ from deform_attn.diagram import CHAPTER_STAGES, STAGES  # noqa: E402
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 RUN_TIMES = NOTEBOOK_DIR / "run_times.json"
 HEADER_TAG = "chapter-header"
+HEADER_INDEX = 2  # after the title cell and the Colab install cell
 
 # chapter -> (chapters to read first, what they give this one); 02 needs only Python and PyTorch
 PREREQUISITES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -101,9 +102,9 @@ def load_run_times() -> dict:
 def header_problems(nb: nbformat.NotebookNode, stem: str, run_times: dict) -> list[str]:
     expected = header_source(stem, run_times)
     headers = [index for index, cell in enumerate(nb.cells) if HEADER_TAG in cell.metadata.get("tags", [])]
-    if headers != [1]:
-        return [f"{stem}: expected one header cell (tag {HEADER_TAG!r}) right after the title cell, found at {headers}"]
-    if nb.cells[1].source != expected:
+    if headers != [HEADER_INDEX]:
+        return [f"{stem}: expected one header cell (tag {HEADER_TAG!r}) after the install cell, found at {headers}"]
+    if nb.cells[HEADER_INDEX].source != expected:
         return [f"{stem}: the header is out of date; run scripts/chapter_headers.py"]
     return []
 
@@ -112,7 +113,7 @@ def write_header(nb: nbformat.NotebookNode, stem: str, run_times: dict) -> None:
     nb.cells = [cell for cell in nb.cells if HEADER_TAG not in cell.metadata.get("tags", [])]
     cell = nbformat.v4.new_markdown_cell(header_source(stem, run_times))
     cell.metadata["tags"] = [HEADER_TAG]
-    nb.cells.insert(1, cell)
+    nb.cells.insert(HEADER_INDEX, cell)
 
 
 def main(argv: list[str] | None = None) -> int:

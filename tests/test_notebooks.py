@@ -258,3 +258,22 @@ def test_markdown_has_no_control_characters(path):
         if cell.cell_type == "markdown":
             found = re.findall(r"[\x00-\x09\x0b-\x1f\x7f]", cell.source)
             assert not found, f"{path.name}, cell {index}: control characters {sorted({hex(ord(c)) for c in found})}"
+
+
+def test_chapter_headers_come_from_the_data():
+    """Each chapter opens with its place in the layer, its prerequisites and its measured run time,
+    written by scripts/chapter_headers.py from deform_attn.diagram and notebooks/run_times.json."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chapter_headers", REPO_ROOT / "scripts" / "chapter_headers.py")
+    headers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headers)
+    run_times = headers.load_run_times()
+    stems = sorted(path.stem for path in (REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert sorted(headers.PREREQUISITES) == stems
+    assert sorted(run_times["chapters"]) == stems
+    problems = []
+    for stem in stems:
+        nb = nbformat.read(REPO_ROOT / "notebooks" / f"{stem}.ipynb", as_version=4)
+        problems += headers.header_problems(nb, stem, run_times)
+    assert not problems, problems
