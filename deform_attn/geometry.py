@@ -97,7 +97,7 @@ def num_cells(length: int, downsample_factor: int) -> int:
     """Number of downsampled cells (keys) for ``length`` tokens.
 
     Equal to the output length of the offset network's strided convolution (kernel ``k``,
-    stride ``r``, padding ``(k - r) / 2``): ``floor(length / r)``.
+    stride ``r``, padding ``(w - r) / 2``): ``floor(length / r)``.
     """
     return length // downsample_factor
 
@@ -202,17 +202,17 @@ def causal_visibility(sample_positions_in_tokens: Tensor, downsample_factor: int
 
     A key may be seen by query ``i`` only when everything it was computed from lies at or before
     token ``i``: its offset comes from its cell's window, which ends at the cell's last token
-    ``(c + 1) r - 1`` (:class:`deform_attn.OffsetNetwork` with ``causal=True``), and its linear
-    interpolation reads tokens ``floor(p)`` and ``floor(p) + 1``, of which the second has weight
-    zero when ``p`` is whole, so the last token it reads is ``ceil(p)``. Hence
+    ``(j + 1) r - 1`` (:class:`deform_attn.OffsetNetwork` with ``causal=True``), and its linear
+    interpolation reads tokens ``floor(s_j)`` and ``floor(s_j) + 1``, of which the second has weight
+    zero when ``s_j`` is whole, so the last token it reads is ``ceil(s_j)``. Hence
 
-    ``visible_from[c] = max((c + 1) r - 1, ceil(p_c))``,
+    ``visible_from[j] = max((j + 1) r - 1, ceil(s_j))``,
 
     and a key whose offset moves it forward becomes visible later. Being a comparison of
     integers, the mask carries no gradient.
 
     Args:
-        sample_positions_in_tokens: (..., cells) sample positions ``p_c`` in tokens.
+        sample_positions_in_tokens: (..., cells) sample positions ``s_j`` in tokens.
         downsample_factor: ``r``.
         first_cell: index of the first cell given.
 

@@ -1,7 +1,7 @@
 """The offset network: where each group of heads should sample its keys.
 
-A depthwise strided convolution looks at the queries of one offset group (kernel ``k``, stride
-``r``, padding ``(k - r) / 2``, so cell ``c`` sees tokens centred on its window centre), GELU, a
+A depthwise strided convolution looks at the queries of one offset group (kernel ``w``, stride
+``r``, padding ``(w - r) / 2``, so cell ``j`` sees tokens centred on its window centre), GELU, a
 pointwise convolution to one scalar per cell, then ``tanh`` and a scale: offsets lie in
 ``(-offset_scale, offset_scale)`` cells.
 
@@ -26,7 +26,7 @@ REFERENCE_OFFSET_KERNEL_SIZE = 6
 def check_offset_kernel_size(kernel_size: int, downsample_factor: int) -> None:
     """Raise unless ``kernel_size >= downsample_factor`` and their difference is even.
 
-    The padding ``(k - r) / 2`` must be a whole number of tokens on each side, so that cell ``c``'s
+    The padding ``(w - r) / 2`` must be a whole number of tokens on each side, so that cell ``j``'s
     receptive field is centred on its window.
     """
     if (
@@ -44,10 +44,10 @@ def check_offset_kernel_size(kernel_size: int, downsample_factor: int) -> None:
 def default_offset_kernel_size(downsample_factor: int) -> int:
     """What ``offset_kernel_size=None`` means: the valid kernel size nearest to the reference's 6.
 
-    Valid sizes are ``k >= r`` with ``k - r`` even. That is 6 itself for r = 2, 4, 6 (parity with
+    Valid sizes are ``w >= r`` with ``w - r`` even. That is 6 itself for r = 2, 4, 6 (parity with
     ``deformable-attention``'s default), 7 for r = 1, 3, 5 (5 and 7 are equally near; the larger
     one sees one token beyond the cell on each side for r = 5), and r itself for r >= 7:
-    ``k = max(6, r)``, plus one when ``k - r`` is odd.
+    ``w = max(6, r)``, plus one when ``w - r`` is odd.
     """
     if isinstance(downsample_factor, bool) or not isinstance(downsample_factor, int) or downsample_factor < 1:
         raise ValueError(f"downsample_factor: expected a positive integer, got {downsample_factor!r}")
@@ -72,13 +72,13 @@ class OffsetNetwork(nn.Module):
     Args:
         channels: channels of one offset group's queries (``heads * dim_head / offset_groups``).
         downsample_factor: ``r``, the convolution's stride (tokens per cell).
-        kernel_size: ``k`` >= ``r`` with ``k - r`` even, so the padding ``(k - r) / 2`` is whole.
+        kernel_size: ``w`` >= ``r`` with ``w - r`` even, so the padding ``(w - r) / 2`` is whole.
         offset_scale: offsets are ``tanh(.) * offset_scale`` cells (or ``. * offset_scale``
             when unbounded).
         layer_norm: DAT++'s LayerNorm after the depthwise convolution.
         bounded: ``tanh`` before the scale (DAT); ``False`` for DAT++'s unbounded offsets.
-        causal: pad all ``k - r`` tokens on the left instead of half on each side, so cell ``c``'s
-            window ends at the cell's last token, ``(c + 1) r - 1``: its offset depends on no
+        causal: pad all ``w - r`` tokens on the left instead of half on each side, so cell ``j``'s
+            window ends at the cell's last token, ``(j + 1) r - 1``: its offset depends on no
             later token.
 
     Shapes: forward takes (batch * groups, channels, n) and returns (batch * groups, n // r).

@@ -3,7 +3,7 @@
 :class:`CausalStream` keeps what a causal :class:`deform_attn.DeformableAttention1D` needs to
 produce the outputs of new tokens without recomputing the past:
 
-* the input tokens that a key not yet cached may still read, and the last ``k - r`` queries (the
+* the input tokens that a key not yet cached may still read, and the last ``w - r`` queries (the
   offset network's look-back); with bounded offsets (``tanh``), older tokens are dropped, so the
   memory does not grow with the stream;
 * per complete cell, its sample position and the first query that may see it
@@ -171,7 +171,7 @@ class CausalStream:
         done, complete = self.cells, self.tokens // r
         if complete == done:
             return
-        # cell c's causal window is tokens c r - (k - r) .. (c + 1) r - 1, zero before token 0
+        # cell j's causal window is tokens j r - (w - r) .. (j + 1) r - 1, zero before token 0
         first = done * r - self.context
         origin = self.grouped_queries.origin
         window = self.grouped_queries.data[..., max(first, 0) - origin : complete * r - origin]
