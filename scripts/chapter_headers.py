@@ -58,15 +58,8 @@ def you_are_here(stem: str) -> str:
     """The stages in data-flow order, this chapter's in bold; 'the whole layer' when it builds none."""
     own = CHAPTER_STAGES[stem]
     if not own:
-        return "the whole layer (" + " → ".join(stage.title for stage in _flow_order()) + ")"
-    return " → ".join(f"**{stage.title}**" if stage.key in own else stage.title for stage in _flow_order())
-
-
-def _flow_order():
-    # the order in which the data passes the stages, as the introduction's diagram draws it
-    order = ("input", "queries", "offsets", "positions", "sampling", "keys", "bias", "attention", "output")
-    by_key = {stage.key: stage for stage in STAGES}
-    return [by_key[key] for key in order]
+        return "the whole layer (" + " → ".join(stage.title for stage in STAGES) + ")"
+    return " → ".join(f"**{stage.title}**" if stage.key in own else stage.title for stage in STAGES)
 
 
 def prerequisites(stem: str) -> str:
