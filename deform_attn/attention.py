@@ -18,14 +18,41 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .geometry import Geometry, causal_visibility, distance_coordinates, sample_positions
-from .kernels import Implementation, KernelPlan, biased_attention, plan_attention
+from .kernels import Implementation, KernelPlan, biased_attention, fused_available, plan_attention
 from .legacy import POSITION_BIASES, split_deprecated_arguments
 from .offsets import OffsetNetwork, ZeroOffsets
 from .position_bias import ContinuousPositionBias, PiecewiseLinearTable
 from .sampling import linear_sample_1d, linear_sample_1d_reference
 from .validation import check_input, resolve_layer_arguments
 
-__all__ = ["DeformableAttention1D", "from_lucidrains", "POSITION_BIASES"]
+__all__ = ["DeformableAttention1D", "from_lucidrains", "POSITION_BIASES", "PointwiseConv1d"]
+
+
+class PointwiseConv1d(nn.Conv1d):
+    """A kernel-size-1 ``Conv1d`` (grouped or not) computed as a batched matrix product.
+
+    The same parameters, state dict and hooks as ``nn.Conv1d(in, out, 1, groups=g)`` (the
+    reference's layout), but on the CPU mkldnn's grouped 1x1 convolution was 10x slower than the
+    product (5.1 vs 0.5 ms for the queries at batch 32, dim 128, n = 336) and its dense one 2x.
+
+    Shapes: (b, in_channels, n) -> (b, out_channels, n), or unbatched (in_channels, n).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, groups: int = 1, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, groups=groups, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_exporting():  # the traced product would guard on the batch size
+            return super().forward(x)
+        if x.dim() == 2:  # unbatched (in_channels, n), as Conv1d accepts
+            return self(x[None])[0]
+        groups = self.groups
+        batch, _, length = x.shape
+        # shape: (out, in / g, 1) -> (g, out / g, in / g); x (b, in, n) -> (b, g, in / g, n)
+        weight = self.weight.view(groups, self.out_channels // groups, -1)
+        out = torch.matmul(weight, x.reshape(batch, groups, -1, length)).view(batch, self.out_channels, length)
+        # the bias in the product's dtype: under autocast the product is in the low precision
+        return out if self.bias is None else out + self.bias[:, None].to(out.dtype)
 
 
 class DeformableAttention1D(nn.Module):
@@ -114,10 +141,10 @@ class DeformableAttention1D(nn.Module):
                 f"channel is constant); got heads * dim_head / offset_groups = {inner_dim // groups}"
             )
 
-        self.to_q = nn.Conv1d(dim, inner_dim, 1, groups=groups if group_queries else 1, bias=False)
-        self.to_k = nn.Conv1d(dim, inner_dim, 1, groups=groups if group_key_values else 1, bias=False)
-        self.to_v = nn.Conv1d(dim, inner_dim, 1, groups=groups if group_key_values else 1, bias=False)
-        self.to_out = nn.Conv1d(inner_dim, dim, 1)
+        self.to_q = PointwiseConv1d(dim, inner_dim, groups=groups if group_queries else 1, bias=False)
+        self.to_k = PointwiseConv1d(dim, inner_dim, groups=groups if group_key_values else 1, bias=False)
+        self.to_v = PointwiseConv1d(dim, inner_dim, groups=groups if group_key_values else 1, bias=False)
+        self.to_out = PointwiseConv1d(inner_dim, dim)
         self.to_offsets: nn.Module = OffsetNetwork(
             channels=inner_dim // groups, downsample_factor=downsample_factor,
             kernel_size=resolved["offset_kernel_size"], offset_scale=resolved["offset_scale"],
@@ -226,7 +253,8 @@ class DeformableAttention1D(nn.Module):
             num_kinks=bias.kinks.numel() if isinstance(bias, PiecewiseLinearTable) else None,
             device_type=q.device.type, floating_point=str(q.dtype).removeprefix("torch."),
             autocast=torch.is_autocast_enabled(q.device.type), dropout_in_use=self.training and self.dropout > 0,
-            exporting=torch.compiler.is_exporting(),
+            exporting=torch.compiler.is_exporting(), bias_is_function=bias is not None and not isinstance(bias, PiecewiseLinearTable),
+            fused_kernel_available=q.device.type == "cpu" and not torch.compiler.is_compiling() and fused_available(),
         )
 
 

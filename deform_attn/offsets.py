@@ -117,23 +117,30 @@ class OffsetNetwork(nn.Module):
         self.pointwise = nn.Conv1d(channels, 1, 1, bias=False)
 
     def depthwise_conv(self, grouped_queries: Tensor, padding: tuple[int, int] | None = None) -> Tensor:
-        """``self.depthwise`` computed from strided windows.
+        """``self.depthwise`` computed as a sum over the kernel's taps of strided slices.
 
         Same result as calling the convolution, but PyTorch's CPU backward of a strided depthwise
-        ``conv1d`` is pathologically slow (seconds at n = 2048), while the windows' is not.
+        ``conv1d`` is pathologically slow (seconds at n = 2048), and ``w`` scaled strided slices
+        are ~4x faster than an einsum over unfolded windows (which copies them).
         ``padding`` overrides the (left, right) zero padding, e.g. ``(0, 0)`` for queries that
         already carry their left context (streaming).
         """
         conv = self.depthwise
         (kernel_size,) = conv.kernel_size
-        # shape: (b g, d, n) -> (b g, d, m, k): the k tokens each cell's kernel sees
-        windows = F.pad(grouped_queries, self.padding if padding is None else padding)
-        windows = windows.unfold(-1, kernel_size, self.downsample_factor)
-        return torch.einsum("bdmk,dk->bdm", windows, conv.weight[:, 0]) + conv.bias[:, None]
+        r = self.downsample_factor
+        padded = F.pad(grouped_queries, self.padding if padding is None else padding)
+        cells = (padded.shape[-1] - kernel_size) // r + 1
+        weight = conv.weight[:, 0]  # (d, k)
+        # out[.., c, j] = bias[c] + sum_k weight[c, k] x[.., c, j r + k]: tap k reads tokens k, k + r, ...
+        out = conv.bias[:, None] + weight[:, :1] * padded[..., : r * (cells - 1) + 1 : r]
+        for tap in range(1, kernel_size):
+            out = torch.addcmul(out, weight[:, tap, None], padded[..., tap : tap + r * (cells - 1) + 1 : r])
+        return out
 
     def forward(self, grouped_queries: Tensor, padding: tuple[int, int] | None = None) -> Tensor:
         hidden = self.activation(self.norm(self.depthwise_conv(grouped_queries, padding)))
-        raw = self.pointwise(hidden).squeeze(1)  # (bg, 1, m) -> (bg, m)
+        # a matrix product, not conv1d: one output channel through mkldnn costs more than it computes
+        raw = torch.matmul(self.pointwise.weight[:, :, 0], hidden).squeeze(1)  # (bg, 1, m) -> (bg, m)
         if self.bounded:
             raw = torch.tanh(raw)
         return raw * self.offset_scale

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from deform_attn.kernels import fused_available
 from torch import nn
 
 from deform_attn import baselines, bench, provenance
@@ -254,12 +256,12 @@ def test_unknown_case_is_rejected():
 def test_cases_c_and_e_are_the_same_layer_on_two_kernels():
     default, sdpa = cases.build_layer("c", **SHAPE), cases.build_layer("e", **SHAPE)
     assert default.implementation == Implementation() and sdpa.implementation == Implementation(kernel="sdpa")
-    x = torch.randn(1, 16, 400)  # long enough for "auto" to pick the piecewise kernel
+    x = torch.randn(1, 16, 400)
     q = torch.zeros(1, SHAPE["heads"], 400, SHAPE["dim_head"])  # (b, h, n, d)
     cells = 400 // SHAPE["downsample"]
     plans = [layer.attention_plan(q, cells=cells, bias=layer.bias_for_kernels(torch.float32))
              for layer in (default, sdpa)]
-    assert [plan.kernel for plan in plans] == ["piecewise", "sdpa"]
+    assert [plan.kernel for plan in plans] == ["fused" if fused_available() else "piecewise", "sdpa"]
     torch.testing.assert_close(default(x), sdpa(x), rtol=1e-5, atol=1e-6)
 
 

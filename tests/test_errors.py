@@ -209,9 +209,9 @@ def test_bad_position_bias(position_bias):
             DeformableAttention1D(dim=16, position_bias=position_bias)
 
 
-@pytest.mark.parametrize("kernel", ["fused", "SDPA", "", None])
+@pytest.mark.parametrize("kernel", ["flash", "SDPA", "", None])
 def test_bad_attention_kernel(kernel):
-    with pytest.raises(ValueError, match=r"^implementation.kernel: expected one of \('auto', 'piecewise', 'sdpa'\)"):
+    with pytest.raises(ValueError, match=r"^implementation.kernel: expected one of \('auto', 'fused', 'piecewise', 'sdpa'\)"):
         make_layer(implementation=Implementation(kernel=kernel))
 
 

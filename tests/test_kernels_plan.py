@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import deform_attn.attention as attention_module
+from deform_attn.kernels import fused_available
 from deform_attn.kernels import (
     EXPORT_QUERY_CHUNK,
     PIECEWISE_LENGTH_PER_KINK,
@@ -227,7 +228,7 @@ def test_implementation_defaults_and_valid_values():
     assert (default.kernel, default.max_bias_elements, default.position_bias, default.sampling, default.check_finite) == (
         "auto", None, "table", "gather", True
     )
-    for kernel in ("auto", "piecewise", "sdpa"):
+    for kernel in ("auto", "fused", "piecewise", "sdpa"):
         assert Implementation(kernel=kernel).kernel == kernel
     assert Implementation(position_bias="mlp", sampling="grid_sample", check_finite=False, max_bias_elements=1)
 
@@ -238,7 +239,7 @@ def test_implementation_is_frozen():
         implementation.kernel = "sdpa"
     # replace validates too: a frozen value cannot be changed into an invalid one
     with pytest.raises(ValueError, match=r"^implementation\.kernel"):
-        dataclasses.replace(implementation, kernel="fused")
+        dataclasses.replace(implementation, kernel="flash")
     assert implementation == Implementation()
 
 
@@ -266,11 +267,12 @@ def test_layer_runs_the_plan_that_plan_attention_gives(train, dropout, monkeypat
         layer(torch.randn(2, 16, length))
         expected = plan_attention(
             Implementation(), length=length, batch=2, heads=4, cells=length // 4, num_kinks=kinks,
-            dropout_in_use=train and dropout > 0,
+            dropout_in_use=train and dropout > 0, fused_kernel_available=fused_available(),
         )
         assert seen[-1] == expected
     dropout_in_use = train and dropout > 0
-    assert [p.kernel for p in seen] == ["sdpa", "sdpa" if dropout_in_use else "piecewise"]
+    no_dropout = ["fused", "fused"] if fused_available() else ["sdpa", "piecewise"]
+    assert [p.kernel for p in seen] == (["sdpa", "sdpa"] if dropout_in_use else no_dropout)
 
 
 @pytest.mark.parametrize("floating_point, autocast", [("bfloat16", False), ("float16", False), ("float32", True)])

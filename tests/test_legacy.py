@@ -183,7 +183,7 @@ def test_implementation_of_another_type_is_a_type_error(implementation):
 @pytest.mark.parametrize(
     "keyword, value, message",
     [
-        ("attention_kernel", "fused", r"^attention_kernel: expected one of \('auto', 'piecewise', 'sdpa'\)"),
+        ("attention_kernel", "flash", r"^attention_kernel: expected one of \('auto', 'fused', 'piecewise', 'sdpa'\)"),
         ("attention_kernel", None, r"^attention_kernel: expected one of"),
         ("max_bias_elements", 0, r"^max_bias_elements: expected a positive integer or None"),
         ("check_finite", "yes", r"^check_finite: expected a bool"),

@@ -1,9 +1,11 @@
 """The functional core under :class:`deform_attn.DeformableAttention1D`: biased attention kernels.
 
-Three kernels compute the same function, ``softmax(q k^T * scale + bias) v`` with the
+Four kernels compute the same function, ``softmax(q k^T * scale + bias) v`` with the
 continuous position bias of each (query, key) distance:
 
-* :func:`piecewise_biased_attention` (CPU default for long sequences): the piecewise-linear bias
+* :func:`fused_biased_attention` (CPU default): logits, bias, masks, softmax and values in one
+  C++ pass per block of queries, the bias evaluated over runs of queries between kink crossings;
+* :func:`piecewise_biased_attention` (CPU, long sequences, where the fused kernel cannot be compiled): the piecewise-linear bias
   by prefix sums along the queries, inside a chunked attention with a hand-written backward;
 * :func:`sdpa_biased_attention` (everywhere else): the bias materialised per chunk of queries and
   passed to ``scaled_dot_product_attention``;
@@ -21,6 +23,7 @@ from torch import Tensor
 
 from ..geometry import DistanceCoordinates
 from ..position_bias import PiecewiseLinearTable, table_bias_function
+from .fused import fused_available, fused_biased_attention, fused_unavailable_reason
 from .piecewise import kink_crossings, piecewise_biased_attention
 from .plan import (
     EXPORT_QUERY_CHUNK,
@@ -43,6 +46,9 @@ __all__ = [
     "plan_attention",
     "default_max_bias_elements",
     "biased_attention",
+    "fused_biased_attention",
+    "fused_available",
+    "fused_unavailable_reason",
     "piecewise_biased_attention",
     "sdpa_biased_attention",
     "scan_biased_attention",
@@ -97,6 +103,14 @@ def biased_attention(
         (b, h, n, d).
     """
     table = position_bias if isinstance(position_bias, PiecewiseLinearTable) else None
+    if plan.kernel == "fused":
+        if position_bias is not None and table is None:
+            raise ValueError("position_bias: the fused kernel takes the bias as a PiecewiseLinearTable")
+        return fused_biased_attention(
+            q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,
+            query_grid=coordinates.grid, table=table, log_distance=log_distance, scale=scale, key_padding=key_padding,
+            visible_from=visible_from, null_k=null_k, null_v=null_v,
+        )
     if plan.kernel == "piecewise":
         if table is None:
             raise ValueError("position_bias: the piecewise kernel needs a PiecewiseLinearTable")
@@ -114,7 +128,7 @@ def biased_attention(
             chunk=plan.chunk, key_padding=key_padding, visible_from=visible_from, null_k=null_k, null_v=null_v,
         )
     if plan.kernel != "sdpa":
-        raise ValueError(f"plan.kernel: expected 'piecewise', 'sdpa' or 'scan', got {plan.kernel!r}")
+        raise ValueError(f"plan.kernel: expected 'fused', 'piecewise', 'sdpa' or 'scan', got {plan.kernel!r}")
     bias_function = position_bias if table is None else table_bias_function(table, log_distance)
     return sdpa_biased_attention(
         q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,

@@ -57,7 +57,7 @@ from ..geometry import QueryGrid
 from ..position_bias import PiecewiseLinearTable, inverse_transform_distance, transform_distance
 from .sdpa import check_causal_arguments
 
-__all__ = ["piecewise_biased_attention", "kink_crossings"]
+__all__ = ["piecewise_biased_attention", "kink_crossings", "check_kernel_arguments"]
 
 
 def kink_crossings(
@@ -337,13 +337,19 @@ class _PiecewiseBiasedAttention(torch.autograd.Function):
         )
 
 
-def _check_arguments(q, k, v, key_coordinates, query_coordinates, kinks, slopes, intercepts, query_grid, chunk, key_padding):
+def check_kernel_arguments(
+    q, k, v, key_coordinates, query_coordinates, kinks, slopes, intercepts, query_grid, chunk, key_padding
+):
+    """Raise ``ValueError`` naming the argument unless the shapes fit (b, h, n, d) queries.
+
+    ``chunk=None``: the kernel has no chunks; ``kinks=None``: no table (no position bias).
+    """
     if not isinstance(query_grid, tuple) or len(query_grid) != 2:
         raise ValueError(f"query_grid: expected a QueryGrid(step, origin), got {query_grid!r}")
     step = query_grid[0]
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
         raise ValueError(f"query_grid: expected a positive step, got {step!r}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk: expected a positive integer, got {chunk!r}")
     if q.ndim != 4:
         raise ValueError(f"q: expected shape (b, h, n, d), got {tuple(q.shape)}")
@@ -361,7 +367,7 @@ def _check_arguments(q, k, v, key_coordinates, query_coordinates, kinks, slopes,
         raise ValueError(f"key_coordinates: {groups} groups per sequence do not divide the {heads} heads")
     if query_coordinates.shape != (length,):
         raise ValueError(f"query_coordinates: expected shape (n,) = ({length},), got {tuple(query_coordinates.shape)}")
-    if kinks.ndim != 1 or slopes.shape != (kinks.shape[0] + 1, heads // groups) or intercepts.shape != slopes.shape:
+    if kinks is not None and (kinks.ndim != 1 or slopes.shape != (kinks.shape[0] + 1, heads // groups) or intercepts.shape != slopes.shape):
         raise ValueError(
             f"table: expected kinks (k,), slopes and intercepts (k + 1, h / g = {heads // groups}); got "
             f"{tuple(kinks.shape)}, {tuple(slopes.shape)}, {tuple(intercepts.shape)}"
@@ -422,7 +428,7 @@ def piecewise_biased_attention(
         table's slopes and intercepts, ``null_k`` and ``null_v``.
     """
     kinks, slopes, intercepts = table
-    _check_arguments(q, k, v, key_coordinates, query_coordinates, kinks, slopes, intercepts, query_grid, chunk, key_padding)
+    check_kernel_arguments(q, k, v, key_coordinates, query_coordinates, kinks, slopes, intercepts, query_grid, chunk, key_padding)
     check_causal_arguments(q, key_coordinates, visible_from, null_k, null_v)
     grid = QueryGrid(float(query_grid[0]), float(query_grid[1]))
     return _PiecewiseBiasedAttention.apply(

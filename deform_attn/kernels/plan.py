@@ -23,7 +23,7 @@ __all__ = [
     "default_max_bias_elements",
 ]
 
-KERNELS: tuple[str, ...] = ("auto", "piecewise", "sdpa")
+KERNELS: tuple[str, ...] = ("auto", "fused", "piecewise", "sdpa")
 POSITION_BIAS_EVALUATIONS: tuple[str, ...] = ("table", "mlp")
 SAMPLERS: tuple[str, ...] = ("gather", "grid_sample")
 
@@ -50,8 +50,13 @@ class Implementation:
     """How ``DeformableAttention1D`` computes its output; every choice gives the same result.
 
     Args:
-        kernel: ``"auto"`` (default): the piecewise kernel on CPU where it applies and the
-            sequence is long enough to pay for its setup, else SDPA (see :func:`plan_attention`).
+        kernel: ``"auto"`` (default): on the CPU the fused kernel where it applies, else the
+            piecewise kernel where the sequence is long enough to pay for its setup, else SDPA
+            (see :func:`plan_attention`).
+            ``"fused"``: :func:`deform_attn.kernels.fused_biased_attention`, one C++ pass per
+            block of queries for logits, bias, masks, softmax and values (CPU, float32/float64,
+            no autocast, no attention dropout, the table or no position bias, first derivatives
+            only; compiled on first use, see :func:`deform_attn.kernels.fused_available`).
             ``"piecewise"``: :func:`deform_attn.kernels.piecewise_biased_attention`, which
             evaluates the piecewise-linear position bias by prefix sums inside a chunked attention
             with its own backward (float32/float64, no attention dropout, first derivatives only).
@@ -96,7 +101,7 @@ class KernelPlan:
     """What one forward pass runs.
 
     Attributes:
-        kernel: ``"piecewise"``, ``"sdpa"`` or ``"scan"`` (the exportable kernel, chosen only
+        kernel: ``"fused"``, ``"piecewise"``, ``"sdpa"`` or ``"scan"`` (the exportable kernel, chosen only
             while ``torch.export`` traces).
         chunk: queries per chunk.
     """
@@ -118,6 +123,8 @@ def plan_attention(
     autocast: bool = False,
     dropout_in_use: bool = False,
     exporting: bool = False,
+    bias_is_function: bool = False,
+    fused_kernel_available: bool = False,
 ) -> KernelPlan:
     """The kernel and chunk for one forward pass.
 
@@ -127,6 +134,10 @@ def plan_attention(
         batch, heads, cells: batch size, attention heads and sampled keys ``m``.
         num_kinks: kinks of the position bias's table, or ``None`` when there is no table (no
             position bias, or the MLP reference path).
+        bias_is_function: the position bias is a function of the distances (the MLP reference
+            path), which only the SDPA kernel evaluates.
+        fused_kernel_available: the fused kernel's library is loaded and the call is not being
+            compiled by ``torch.compile`` (:func:`deform_attn.kernels.fused_available`).
         device_type: ``"cpu"``, ``"cuda"``, ...
         floating_point: the attention's dtype name (``"float32"``, ``"float64"``, ``"bfloat16"``...).
         autocast: whether autocast is active on ``device_type``.
@@ -134,12 +145,33 @@ def plan_attention(
         exporting: ``torch.export`` is tracing: the ``"scan"`` kernel, whose loop over query chunks
             is part of the program, with :data:`EXPORT_QUERY_CHUNK` queries per step.
 
-    ``"auto"`` picks ``"piecewise"`` when all of these hold: CPU, float32 or float64, no autocast,
-    no attention dropout, a table, and ``length >= max(384, 8 * num_kinks)``; else ``"sdpa"``.
+    ``"auto"`` picks ``"fused"`` when all of these hold: CPU, float32 or float64, no autocast,
+    no attention dropout, a table or no position bias, and the fused kernel available; else
+    ``"piecewise"`` when the same holds for it with a table and
+    ``length >= max(384, 8 * num_kinks)``; else ``"sdpa"``.
     """
     if exporting:
         return KernelPlan("scan", EXPORT_QUERY_CHUNK)
     kernel = implementation.kernel
+    precision_applies = floating_point in ("float32", "float64") and not autocast
+    if kernel == "fused":
+        if not fused_kernel_available:
+            raise RuntimeError(
+                "implementation.kernel: 'fused' is unavailable here (see "
+                "deform_attn.kernels.fused_unavailable_reason()); use 'auto'"
+            )
+        if device_type != "cpu" or not precision_applies:
+            raise ValueError(
+                "implementation.kernel: 'fused' computes on the CPU in float32 or float64 without autocast, got "
+                f"{floating_point} on {device_type}{' under autocast' if autocast else ''}; use 'auto'"
+            )
+        if dropout_in_use:
+            raise RuntimeError(
+                "implementation.kernel: 'fused' has no attention dropout; use 'sdpa' or 'auto' to train with dropout"
+            )
+        if bias_is_function:
+            raise ValueError("implementation.kernel: 'fused' evaluates the table, so it needs position_bias='table'")
+        return KernelPlan("fused", length)
     if kernel == "piecewise":
         if dropout_in_use:
             raise RuntimeError(
@@ -153,6 +185,11 @@ def plan_attention(
                 f"{floating_point}{' under autocast' if autocast else ''}; use 'auto' or 'sdpa' for low precision"
             )
     elif kernel == "auto":
+        if (
+            fused_kernel_available and device_type == "cpu" and precision_applies and not dropout_in_use
+            and not bias_is_function
+        ):
+            return KernelPlan("fused", length)
         applies = (
             device_type == "cpu"
             and num_kinks is not None

@@ -1,0 +1,316 @@
+r"""The fused CPU kernel: biased attention in one pass per block of queries, in C++.
+
+The other kernels pay for the position bias in full passes over (queries x keys) tensors: the
+SDPA kernel materialises it (a search, two gathers and a few elementwise passes per pair), the
+piecewise kernel builds it from prefix sums. On batched short sequences those passes cost more
+than the attention itself. This kernel computes, for one block of 64 queries of one (sequence,
+head) row at a time, the logits, the bias, the masks, the softmax and the product with the values
+while the block sits in the cache, FlashAttention's recipe with the whole (short) key axis held
+at once; the backward pass recomputes the logits from the saved log-sum-exp.
+
+The bias uses the regular query grid, as the piecewise kernel does: key :math:`j` passes kink
+:math:`k` at query :math:`r_{jk}` (:func:`deform_attn.kernels.kink_crossings`), so between two
+crossings a run of queries shares one slope and intercept, and the block evaluates
+:math:`s\,t_{ij} + c` over each run with no search and no gather. In the backward pass the table's
+gradients are sums over the same runs.
+
+The source, ``fused_cpu.cpp``, uses no torch headers: it is compiled on first use with the
+system's C++ compiler (about two seconds), cached under ``~/.cache/deform_attn`` (or
+``$DEFORM_ATTN_CACHE``), and called through :mod:`ctypes`. Where no compiler is found, or with
+``DEFORM_ATTN_FUSED=0``, :func:`fused_available` is false and ``kernel="auto"`` takes the other
+kernels; :func:`fused_unavailable_reason` says why.
+
+Axis letters: b batch, g offset groups, o heads per group (h = g o), n queries, m keys, e null
+keys, d channels per head, k kinks. A "row" is one (sequence, head): rows = b h.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..geometry import QueryGrid
+from ..position_bias import PiecewiseLinearTable, inverse_transform_distance
+from .piecewise import check_kernel_arguments
+from .sdpa import check_causal_arguments
+
+__all__ = ["fused_biased_attention", "fused_available", "fused_unavailable_reason", "SOURCE"]
+
+SOURCE = Path(__file__).with_name("fused_cpu.cpp")
+_ABI = 1
+# -fopenmp first: the library then runs on PyTorch's own OpenMP threads (see fused_cpu.cpp)
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"],
+    ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"],  # no OpenMP
+    ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"],  # compilers without -march=native
+)
+
+
+class _Problem(ctypes.Structure):
+    """The C struct ``Problem`` of ``fused_cpu.cpp``, field for field."""
+
+    _fields_ = [
+        (name, ctypes.c_int64)
+        for name in (
+            "rows", "length", "cells", "channels", "null_keys", "kinks", "outputs", "heads", "threads",
+            "log_distance", "has_bias",
+        )
+    ] + [(name, ctypes.c_double) for name in ("step", "origin", "scale")] + [
+        (name, ctypes.c_void_p)
+        for name in (
+            "q", "k", "v", "null_k", "null_v", "query_coordinates", "key_coordinates", "thresholds", "slopes",
+            "intercepts", "key_padding", "visible_from", "out", "lse", "grad_out", "grad_q", "grad_k", "grad_v",
+            "grad_null_k", "grad_null_v", "grad_key_coordinates", "grad_slopes", "grad_intercepts",
+        )
+    ]
+
+
+def _cache_directory() -> Path:
+    root = os.environ.get("DEFORM_ATTN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deform_attn")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's name and flags where Linux tells them."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            lines = [line for line in cpuinfo if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The compiled library, or ``None`` and the reason it is missing."""
+    if os.environ.get("DEFORM_ATTN_FUSED", "1") == "0":
+        return None, "disabled by DEFORM_ATTN_FUSED=0"
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        return None, "no C++ compiler found (set CXX, or install g++ or clang++)"
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as error:
+        return None, f"the kernel's source is missing: {error}"
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"the C++ compiler {compiler} does not run: {error}"
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_signature().encode()]))
+        target = _cache_directory() / key.hexdigest()[:20] / "libdeform_attn_fused.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # compile beside the target, then rename: concurrent processes never load a partial file
+            handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(handle)
+            result = subprocess.run(
+                [compiler, *flags, "-o", partial, str(SOURCE)], capture_output=True, text=True, timeout=600
+            )
+            if result.returncode != 0:
+                os.unlink(partial)
+                errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-500:]}")
+                continue
+            os.replace(partial, target)
+        library = ctypes.CDLL(str(target))
+        if library.deform_attn_fused_abi() != _ABI:
+            errors.append(f"{target}: ABI {library.deform_attn_fused_abi()}, expected {_ABI}")
+            continue
+        for name in ("forward", "backward"):
+            for suffix in ("f32", "f64"):
+                getattr(library, f"deform_attn_fused_{name}_{suffix}").argtypes = [ctypes.POINTER(_Problem)]
+        return library, ""
+    return None, "compiling fused_cpu.cpp failed: " + " | ".join(errors)
+
+
+def fused_available() -> bool:
+    """Whether the fused kernel's library is compiled and loaded (compiling it on first call)."""
+    return _load()[0] is not None
+
+
+def fused_unavailable_reason() -> str:
+    """Why :func:`fused_available` is false (empty when it is true)."""
+    return _load()[1]
+
+
+def _pointer(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+class _Rows:
+    """Everything of one call that is not differentiated, laid out per row (sequence, head)."""
+
+    def __init__(self, q, key_coordinates, query_coordinates, query_grid, table, log_distance, scale, key_padding,
+                 visible_from, null_keys):
+        batch, heads, length, channels = q.shape
+        groups = key_coordinates.shape[0] // batch
+        self.batch, self.heads, self.length, self.channels, self.groups = batch, heads, length, channels, groups
+        self.cells, self.null_keys = key_coordinates.shape[1], null_keys
+        self.head_group = torch.arange(heads, device=q.device) // (heads // groups)  # (h,)
+        self.query_coordinates = query_coordinates.to(q.dtype).contiguous()
+        self.grid, self.log_distance, self.scale = query_grid, log_distance, scale
+        self.outputs = heads // groups
+        self.thresholds = self.kinks = None
+        if table is not None:
+            self.kinks = table.kinks.shape[0]
+            # in float64, as kink_crossings computes them: the same crossings as the piecewise kernel
+            self.thresholds = inverse_transform_distance(table.kinks.to(torch.float64), log_distance).contiguous()
+        self.key_padding = None
+        if key_padding is not None:  # (b, m) -> (b h, m)
+            self.key_padding = key_padding[:, None, :].expand(-1, heads, -1).reshape(batch * heads, -1)
+            self.key_padding = self.key_padding.to(torch.uint8).contiguous()
+        self.visible_from = None
+        if visible_from is not None:  # (b g, m) -> (b h, m)
+            rows = visible_from.unflatten(0, (batch, groups))[:, self.head_group]
+            self.visible_from = rows.flatten(0, 1).contiguous()
+
+    def row_coordinates(self, key_coordinates: Tensor) -> Tensor:
+        """(b g, m) -> (b h, m): each head's key coordinates (differentiable)."""
+        rows = key_coordinates.unflatten(0, (self.batch, self.groups))[:, self.head_group]
+        return rows.flatten(0, 1).contiguous()
+
+    def problem(self, q, k, v, null_k, null_v, coordinates, slopes, intercepts) -> _Problem:
+        has_bias = slopes is not None
+        return _Problem(
+            rows=self.batch * self.heads, length=self.length, cells=self.cells, channels=self.channels,
+            null_keys=self.null_keys, kinks=self.kinks or 0, outputs=self.outputs, heads=self.heads,
+            threads=torch.get_num_threads(), log_distance=int(self.log_distance), has_bias=int(has_bias),
+            step=self.grid.step, origin=self.grid.origin, scale=self.scale, q=_pointer(q), k=_pointer(k),
+            v=_pointer(v), null_k=_pointer(null_k), null_v=_pointer(null_v),
+            query_coordinates=_pointer(self.query_coordinates), key_coordinates=_pointer(coordinates),
+            thresholds=_pointer(self.thresholds), slopes=_pointer(slopes), intercepts=_pointer(intercepts),
+            key_padding=_pointer(self.key_padding), visible_from=_pointer(self.visible_from),
+        )
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    return "f32" if dtype == torch.float32 else "f64"
+
+
+class _FusedBiasedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, coordinates, slopes, intercepts, null_k, null_v, rows: _Rows):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        null_k = None if null_k is None else null_k.contiguous()
+        null_v = None if null_v is None else null_v.contiguous()
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:3])
+        problem = rows.problem(q, k, v, null_k, null_v, coordinates, slopes, intercepts)
+        problem.out, problem.lse = out.data_ptr(), lse.data_ptr()
+        getattr(_load()[0], f"deform_attn_fused_forward_{_suffix(q.dtype)}")(ctypes.byref(problem))
+        ctx.rows = rows
+        ctx.save_for_backward(q, k, v, coordinates, slopes, intercepts, null_k, null_v, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused attention kernel cannot be differentiated twice; use "
+                "Implementation(kernel='sdpa', position_bias='mlp') for gradient penalties or Hessians"
+            )
+        q, k, v, coordinates, slopes, intercepts, null_k, null_v, lse = ctx.saved_tensors
+        rows: _Rows = ctx.rows
+        grad_out = grad_out.contiguous()
+        grads = {name: torch.empty_like(t) for name, t in (("q", q), ("k", k), ("v", v))}
+        if null_k is not None:
+            grads["null_k"], grads["null_v"] = torch.empty_like(null_k), torch.empty_like(null_v)
+        has_bias = slopes is not None
+        if has_bias:
+            grads["coordinates"] = torch.empty_like(coordinates)
+            grads["slopes"] = q.new_empty(coordinates.shape[0], slopes.shape[0])  # (b h, k + 1)
+            grads["intercepts"] = q.new_empty(coordinates.shape[0], slopes.shape[0])
+        problem = rows.problem(q, k, v, null_k, null_v, coordinates, slopes, intercepts)
+        problem.lse, problem.grad_out = lse.data_ptr(), grad_out.data_ptr()
+        for name in ("q", "k", "v", "null_k", "null_v", "coordinates", "slopes", "intercepts"):
+            field = {"coordinates": "grad_key_coordinates"}.get(name, f"grad_{name}")
+            setattr(problem, field, _pointer(grads.get(name)))
+        getattr(_load()[0], f"deform_attn_fused_backward_{_suffix(q.dtype)}")(ctypes.byref(problem))
+        grad_slopes = grad_intercepts = grad_coordinates = None
+        if has_bias:
+            grad_coordinates = grads["coordinates"]
+
+            def per_output(per_row: Tensor) -> Tensor:  # (b h, k + 1) -> (k + 1, o), head = g o + o'
+                return per_row.view(rows.batch, rows.groups, rows.outputs, -1).sum((0, 1)).T.contiguous()
+
+            grad_slopes, grad_intercepts = per_output(grads["slopes"]), per_output(grads["intercepts"])
+        return (
+            grads["q"], grads["k"], grads["v"], grad_coordinates, grad_slopes, grad_intercepts,
+            grads.get("null_k"), grads.get("null_v"), None,
+        )
+
+
+def fused_biased_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    query_coordinates: Tensor,
+    key_coordinates: Tensor,
+    query_grid: QueryGrid,
+    table: PiecewiseLinearTable | None,
+    log_distance: bool,
+    scale: float,
+    key_padding: Tensor | None = None,
+    visible_from: Tensor | None = None,
+    null_k: Tensor | None = None,
+    null_v: Tensor | None = None,
+) -> Tensor:
+    """``softmax(q k^T * scale + bias) v`` with ``bias[h, i, j] = f_h(t(u_i - w_j))``, fused on the CPU.
+
+    The same function as :func:`deform_attn.kernels.piecewise_biased_attention` (and the same
+    arguments, without ``chunk``), with ``table=None`` for no position bias. float32 or float64 on
+    the CPU; differentiable once in ``q``, ``k``, ``v``, ``key_coordinates``, the table's slopes
+    and intercepts, ``null_k`` and ``null_v``.
+
+    Args:
+        q: (b, h, n, d) queries.
+        k, v: (b, h, m, d) keys and values.
+        query_coordinates: (n,) query coordinates :math:`u_i` on ``query_grid``.
+        key_coordinates: (b g, m) key coordinates :math:`w_j` of each offset group.
+        query_grid: :class:`QueryGrid` ``(step > 0, origin)`` of the query coordinates.
+        table: the bias as a :class:`PiecewiseLinearTable` with ``o = h / g`` outputs, or ``None``.
+        log_distance: ``t`` is ``sign(d) log(1 + |d|)`` instead of ``d``.
+        scale: factor on ``q k^T``.
+        key_padding: optional (b, m) bool, True where a key does not exist.
+        visible_from: optional (b g, m) int64: query ``i`` sees key ``j`` iff ``i >= visible_from``.
+        null_k, null_v: optional (b, h, e, d) keys and values every query sees, without bias.
+
+    Returns:
+        (b, h, n, d). A query that sees no key at all gets a zero output.
+    """
+    library, reason = _load()
+    if library is None:
+        raise RuntimeError(f"the fused kernel is unavailable: {reason}")
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"q: the fused kernel runs float32 or float64 on the CPU, got {q.dtype} on {q.device}")
+    for name, tensor in (("k", k), ("v", v), ("null_k", null_k), ("null_v", null_v)):
+        if tensor is not None and (tensor.dtype != q.dtype or tensor.device != q.device):
+            raise ValueError(f"{name}: expected {q.dtype} on {q.device} like q, got {tensor.dtype} on {tensor.device}")
+    if table is not None:
+        kinks, slopes, intercepts = table
+    else:
+        kinks = slopes = intercepts = None
+    check_kernel_arguments(
+        q, k, v, key_coordinates, query_coordinates, kinks, slopes, intercepts, query_grid, None, key_padding
+    )
+    check_causal_arguments(q, key_coordinates, visible_from, null_k, null_v)
+    grid = QueryGrid(float(query_grid[0]), float(query_grid[1]))
+    null_keys = 0 if null_k is None else null_k.shape[2]
+    rows = _Rows(q, key_coordinates, query_coordinates, grid, table, bool(log_distance), float(scale), key_padding,
+                 visible_from, null_keys)
+    coordinates = rows.row_coordinates(key_coordinates.to(q.dtype))
+    if table is not None:
+        slopes, intercepts = slopes.to(q.dtype).contiguous(), intercepts.to(q.dtype).contiguous()
+    return _FusedBiasedAttention.apply(q, k, v, coordinates, slopes, intercepts, null_k, null_v, rows)

@@ -1,0 +1,578 @@
+// Fused CPU kernel for attention with the piecewise-linear position bias (deform_attn.kernels.fused).
+//
+// softmax(q k^T * scale + bias) v, one (sequence, head) row at a time, blocks of C queries at a
+// time, with no (queries x keys) tensor in memory: the FlashAttention recipe, with the whole key
+// axis of a block held at once (the keys are few, n / r). Everything a block needs is computed in
+// place: the logits, the bias, the masks, the softmax and the product with the values. The
+// backward pass recomputes the logits from the saved log-sum-exp.
+//
+// The bias uses the regular query grid: for key j the distance u_i - w_j grows with i, so the
+// table's interval of pair (i, j) changes only at the crossings r_jl = first i with
+// u_i - w_j > D_l (D_l: kink l in distance units). A block walks each key's crossings inside it
+// and evaluates slope * t + intercept over runs of queries that share an interval: no search and
+// no gather per pair, and the loops over queries are contiguous and vectorised.
+//
+// Buffers are laid out (keys, queries) so that the query axis is contiguous; the small matrix
+// products are written with GCC/Clang vector extensions (4 rows x 2 vectors of accumulators).
+// No torch headers: the library compiles in seconds and is called through ctypes.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // queries per block: a multiple of two vectors of either type
+
+template <typename T> struct Simd;
+template <> struct Simd<float> {
+    typedef float type __attribute__((vector_size(32)));
+    typedef int32_t itype __attribute__((vector_size(32)));
+    static constexpr int width = 8;
+};
+template <> struct Simd<double> {
+    typedef double type __attribute__((vector_size(32)));
+    typedef int64_t itype __attribute__((vector_size(32)));
+    static constexpr int width = 4;
+};
+
+template <typename T> using vec = typename Simd<T>::type;
+
+template <typename T> inline vec<T> load(const T* p) {
+    vec<T> v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+template <typename T> inline void store(T* p, vec<T> v) { std::memcpy(p, &v, sizeof v); }
+template <typename T> inline vec<T> splat(T x) { return vec<T>{} + x; }
+
+// exp(x) for a float vector: 2^k e^r with |r| <= ln2 / 2 and a degree-7 Taylor polynomial
+// (relative error ~5e-9 before rounding); 0 below -87.3 (and for -inf).
+inline vec<float> exp_vector(vec<float> x) {
+    const vec<float> lowest = splat(-87.3f);
+    const vec<float> clamped = x < lowest ? lowest : x;
+    const vec<float> shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    const vec<float> k = (clamped * 1.44269504f + shifter) - shifter;
+    const vec<float> r = (clamped - k * 0.693145752f) - k * 1.42860677e-6f;  // ln 2 in two parts
+    vec<float> p = splat(1.0f / 5040.0f);
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const Simd<float>::itype exponent = (__builtin_convertvector(k, Simd<float>::itype) + 127) << 23;
+    const vec<float> result = p * (vec<float>)exponent;
+    return x < lowest ? splat(0.0f) : result;
+}
+
+// log(1 + a) for a float vector with a >= 0, without a division: with u = 1 + a = 2^e m and
+// m in [sqrt(1/2), sqrt(2)), log u = e log 2 + x q(x), x = m - 1, where q is a degree-8 polynomial
+// fitted to log(1 + x) / x on that range (least squares on Chebyshev nodes; absolute error of the
+// result ~5e-8, the rounding of 1 + a included).
+inline vec<float> log1p_vector(vec<float> a) {
+    const vec<float> u = a + 1.0f;
+    const Simd<float>::itype bits = (Simd<float>::itype)u;
+    Simd<float>::itype exponent = (bits >> 23) - 127;
+    vec<float> m = (vec<float>)((bits & 0x007fffff) | 0x3f800000);
+    const auto high = m > 1.41421356f;
+    m = high ? m * 0.5f : m;
+    exponent = high ? exponent + 1 : exponent;
+    const vec<float> x = m - 1.0f;
+    vec<float> q = splat(8.744053150e-02f);
+    q = q * x - 1.437750502e-01f;
+    q = q * x + 1.494913487e-01f;
+    q = q * x - 1.656067529e-01f;
+    q = q * x + 1.995697187e-01f;
+    q = q * x - 2.500215415e-01f;
+    q = q * x + 3.333418350e-01f;
+    q = q * x - 4.999998703e-01f;
+    q = q * x + 9.999999743e-01f;
+    return __builtin_convertvector(exponent, vec<float>) * 0.693147181f + x * q;
+}
+
+// double: the library functions lane by lane (float64 is the reference precision, not a fast path)
+inline vec<double> exp_vector(vec<double> x) {
+    vec<double> y;
+    for (int lane = 0; lane < Simd<double>::width; ++lane) y[lane] = std::exp(x[lane]);
+    return y;
+}
+inline vec<double> log1p_vector(vec<double> a) {
+    vec<double> y;
+    for (int lane = 0; lane < Simd<double>::width; ++lane) y[lane] = std::log1p(a[lane]);
+    return y;
+}
+
+template <typename T> inline vec<T> abs_vector(vec<T> x) { return x < T(0) ? -x : x; }
+
+// out[a][x] = (accumulate ? out[a][x] : 0) + alpha * sum_l A[a][l] B[l][x] for a < rows,
+// x < columns (a multiple of two vectors), l < depth; A is read by broadcasts, B by vectors.
+template <typename T>
+void multiply(int64_t rows, int64_t columns, int64_t depth, const T* A, int64_t lda, const T* B, int64_t ldb, T* out,
+              int64_t ldo, T alpha, bool accumulate) {
+    constexpr int W = Simd<T>::width;
+    int64_t a = 0;
+    for (; a + 4 <= rows; a += 4) {
+        for (int64_t x = 0; x < columns; x += 2 * W) {
+            vec<T> acc[4][2] = {};
+            for (int64_t l = 0; l < depth; ++l) {
+                const vec<T> b0 = load(B + l * ldb + x), b1 = load(B + l * ldb + x + W);
+                for (int row = 0; row < 4; ++row) {
+                    const T weight = A[(a + row) * lda + l];
+                    acc[row][0] += weight * b0;
+                    acc[row][1] += weight * b1;
+                }
+            }
+            for (int row = 0; row < 4; ++row) {
+                T* target = out + (a + row) * ldo + x;
+                vec<T> lo = alpha * acc[row][0], hi = alpha * acc[row][1];
+                if (accumulate) lo += load(target), hi += load(target + W);
+                store(target, lo);
+                store(target + W, hi);
+            }
+        }
+    }
+    for (; a < rows; ++a) {
+        for (int64_t x = 0; x < columns; x += 2 * W) {
+            vec<T> acc0 = {}, acc1 = {};
+            for (int64_t l = 0; l < depth; ++l) {
+                const T weight = A[a * lda + l];
+                acc0 += weight * load(B + l * ldb + x);
+                acc1 += weight * load(B + l * ldb + x + W);
+            }
+            T* target = out + a * ldo + x;
+            vec<T> lo = alpha * acc0, hi = alpha * acc1;
+            if (accumulate) lo += load(target), hi += load(target + W);
+            store(target, lo);
+            store(target + W, hi);
+        }
+    }
+}
+
+struct Problem {
+    int64_t rows, length, cells, channels, null_keys, kinks, outputs, heads, threads;
+    int64_t log_distance, has_bias;
+    double step, origin, scale;
+    const void *q, *k, *v, *null_k, *null_v;
+    const void* query_coordinates;  // (n,)
+    const void* key_coordinates;    // (rows, m)
+    const double* thresholds;       // (kinks,) the kinks in distance units
+    const void *slopes, *intercepts;  // (kinks + 1, outputs)
+    const uint8_t* key_padding;       // (rows, m), 1: the key does not exist; or null
+    const int64_t* visible_from;      // (rows, m); or null
+    void *out, *lse;                  // (rows, n, d), (rows, n); the backward reads lse only
+    const void* grad_out;             // (rows, n, d)
+    void *grad_q, *grad_k, *grad_v, *grad_null_k, *grad_null_v;  // like q, k, v, null_k, null_v
+    void *grad_key_coordinates, *grad_slopes, *grad_intercepts;  // (rows, m), (rows, kinks + 1) x 2
+};
+
+inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+// Calls work(item, thread index) for item < items on `threads` threads (this one included).
+// Compiled with -fopenmp, the library shares the process's OpenMP runtime with PyTorch (the same
+// libgomp.so.1 soname), so its threads are PyTorch's: separate std::threads would compete with
+// PyTorch's OpenMP workers, which keep spinning for a while after each of its parallel regions.
+template <typename Work> void parallel_for(int64_t items, int64_t threads, Work work) {
+    threads = std::max<int64_t>(1, std::min(threads, items));
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t item = 0; item < items; ++item) work(item, int64_t(omp_get_thread_num()));
+#else
+    std::atomic<int64_t> next{0};
+    auto worker = [&](int64_t index) {
+        for (int64_t item = next.fetch_add(1); item < items; item = next.fetch_add(1)) work(item, index);
+    };
+    std::vector<std::thread> pool;
+    for (int64_t index = 1; index < threads; ++index) pool.emplace_back(worker, index);
+    worker(0);
+    for (auto& thread : pool) thread.join();
+#endif
+}
+
+// One (sequence, head) row's keys as the blocks use them.
+template <typename T> struct RowKeys {
+    int64_t total;              // m + null keys
+    std::vector<T> keys, values;  // (total, d)
+    std::vector<T> keys_t, values_t;  // (d, total)
+    const T* coordinates;       // (m,)
+    const uint8_t* padding;     // (m,) or null
+    const int64_t* visible;     // (m,) or null
+    int64_t column;             // this row's column of the table
+    std::vector<T> slopes, intercepts;  // (kinks + 1,) that column
+
+    RowKeys(const Problem& p, int64_t row) : total(p.cells + p.null_keys) {
+        const int64_t m = p.cells, e = p.null_keys, d = p.channels;
+        keys.resize(total * d);
+        values.resize(total * d);
+        std::memcpy(keys.data(), static_cast<const T*>(p.k) + row * m * d, sizeof(T) * m * d);
+        std::memcpy(values.data(), static_cast<const T*>(p.v) + row * m * d, sizeof(T) * m * d);
+        if (e) {
+            std::memcpy(keys.data() + m * d, static_cast<const T*>(p.null_k) + row * e * d, sizeof(T) * e * d);
+            std::memcpy(values.data() + m * d, static_cast<const T*>(p.null_v) + row * e * d, sizeof(T) * e * d);
+        }
+        keys_t.resize(d * total);
+        values_t.resize(d * total);
+        for (int64_t j = 0; j < total; ++j)
+            for (int64_t c = 0; c < d; ++c) {
+                keys_t[c * total + j] = keys[j * d + c];
+                values_t[c * total + j] = values[j * d + c];
+            }
+        coordinates = static_cast<const T*>(p.key_coordinates) + row * m;
+        padding = p.key_padding ? p.key_padding + row * m : nullptr;
+        visible = p.visible_from ? p.visible_from + row * m : nullptr;
+        column = (row % p.heads) % p.outputs;
+        if (p.has_bias) {
+            slopes.resize(p.kinks + 1);
+            intercepts.resize(p.kinks + 1);
+            for (int64_t l = 0; l <= p.kinks; ++l) {
+                slopes[l] = static_cast<const T*>(p.slopes)[l * p.outputs + column];
+                intercepts[l] = static_cast<const T*>(p.intercepts)[l * p.outputs + column];
+            }
+        }
+    }
+};
+
+// A stretch of queries [first, stop) of a block over which key `key` keeps one interval of the
+// table (`interval`), or, with interval == kDense, a stretch whose intervals are listed per query.
+struct Run {
+    int32_t key, interval, first, stop;
+};
+constexpr int32_t kDense = -1;
+// a key that crosses more kinks than this inside a block gets per-query intervals instead of runs
+constexpr int64_t kMostRuns = 4;
+
+// Every key's kink crossings in one row, and how far the row's blocks have passed them.
+struct RowCrossings {
+    int64_t kinks;
+    std::vector<int32_t> crossings;  // (m, kinks): first query past each kink, nondecreasing per key
+    std::vector<int64_t> passed;     // (m,): crossings at or before the current block's start
+
+    // crossing = clamp(floor((w + D_l - origin) / step) + 1, 0, n), as kink_crossings (with a
+    // product by 1 / step: a quotient within rounding of an integer may land on either side,
+    // which moves a pair across a kink where the bias is continuous)
+    template <typename T> RowCrossings(const Problem& p, const T* coordinates) : kinks(p.kinks) {
+        if (!p.has_bias) return;
+        crossings.resize(p.cells * kinks);
+        passed.assign(p.cells, 0);
+        std::vector<double> shifted(kinks);
+        for (int64_t l = 0; l < kinks; ++l) shifted[l] = p.thresholds[l] - p.origin;
+        const double inverse_step = 1.0 / p.step, length = double(p.length);
+        for (int64_t j = 0; j < p.cells; ++j) {
+            const double w = coordinates[j];
+            int32_t* row = crossings.data() + j * kinks;
+            for (int64_t l = 0; l < kinks; ++l) {
+                const double boundary = std::min(std::max((w + shifted[l]) * inverse_step, -1.0), length);
+                row[l] = static_cast<int32_t>(std::min(std::max(std::floor(boundary) + 1.0, 0.0), length));
+            }
+        }
+    }
+
+    // Key j's intervals over the block [start, stop): appends its runs to `runs`, or one kDense
+    // run with each query's interval in intervals_out[0, stop - start).
+    void block(int32_t j, int64_t start, int64_t stop, std::vector<Run>& runs, int32_t* intervals_out) {
+        const int32_t* row = crossings.data() + j * kinks;
+        int64_t first_kink = passed[j];
+        while (first_kink < kinks && row[first_kink] <= start) ++first_kink;  // the interval at `start`
+        int64_t last_kink = first_kink;
+        while (last_kink < kinks && row[last_kink] < stop) ++last_kink;  // crossed inside the block
+        passed[j] = last_kink;
+        if (last_kink - first_kink <= kMostRuns) {
+            int64_t first = start;
+            for (int64_t l = first_kink; l <= last_kink; ++l) {
+                const int64_t end = l < last_kink ? row[l] : stop;
+                if (end > first) {
+                    runs.push_back(Run{j, int32_t(l), int32_t(first), int32_t(end)});
+                    first = end;
+                }
+            }
+            return;
+        }
+        // per query: the interval at `start` plus the crossings at or before the query
+        int32_t counts[kBlock] = {};
+        for (int64_t l = first_kink; l < last_kink; ++l) ++counts[row[l] - start];
+        int32_t interval = int32_t(first_kink);
+        for (int64_t i = 0; i < stop - start; ++i) intervals_out[i] = interval += counts[i];
+        runs.push_back(Run{j, kDense, int32_t(start), int32_t(stop)});
+    }
+};
+
+// t = sign(d) log(1 + |d|) (or d) of d = u_i - w for the queries [start, stop) of the block
+// from query `start`, written to t_out[i - start]; with derivative_out, also dt/dd.
+template <typename T>
+void distance_inputs(const Problem& p, const T* u, T w, int64_t start, int64_t stop, T* t_out, T* derivative_out) {
+    constexpr int W = Simd<T>::width;
+    for (int64_t i = start; i < stop; i += W) {  // whole vectors: the buffers are padded
+        vec<T> d;
+        if (i + W <= p.length) {
+            d = load(u + i) - w;
+        } else {
+            for (int lane = 0; lane < W; ++lane) d[lane] = (i + lane < p.length ? u[i + lane] : u[p.length - 1]) - w;
+        }
+        vec<T> t = d;
+        if (p.log_distance) {
+            const vec<T> magnitude = abs_vector<T>(d);
+            const vec<T> log_magnitude = log1p_vector(magnitude);
+            t = d < 0 ? -log_magnitude : log_magnitude;
+            if (derivative_out) store(derivative_out + (i - start), T(1) / (magnitude + T(1)));
+        } else if (derivative_out) {
+            store(derivative_out + (i - start), splat(T(1)));
+        }
+        store(t_out + (i - start), t);
+    }
+}
+
+// Logits of the block's queries [start, start + width) against every key of the row:
+// scores (total, C) = q k^T * scale + bias, -inf where a key is padded or not yet visible.
+// Records the block's runs in `runs` (with per-query intervals in intervals_block (m, C) for
+// dense keys), each key's t in t_block (m, C) and, unless null, dt/dd in derivative_block (m, C).
+template <typename T>
+void block_scores(const Problem& p, const RowKeys<T>& row_keys, RowCrossings& crossings, const T* q_t,
+                  int64_t start, int64_t width, T* scores, T* t_block, T* derivative_block, int32_t* intervals_block,
+                  std::vector<Run>& runs) {
+    const int64_t total = row_keys.total, d = p.channels;
+    multiply<T>(total, kBlock, d, row_keys.keys.data(), d, q_t, kBlock, scores, kBlock, T(p.scale), false);
+    const T* u = static_cast<const T*>(p.query_coordinates);
+    const T* slopes = row_keys.slopes.data();
+    const T* intercepts = row_keys.intercepts.data();
+    const T infinity = std::numeric_limits<T>::infinity();
+    runs.clear();
+    for (int64_t j = 0; j < p.cells; ++j) {
+        T* row = scores + j * kBlock;
+        if (row_keys.padding && row_keys.padding[j]) {
+            std::fill(row, row + kBlock, -infinity);
+            continue;
+        }
+        if (p.has_bias) {
+            T* t = t_block + j * kBlock;
+            distance_inputs<T>(p, u, row_keys.coordinates[j], start, start + width, t,
+                               derivative_block ? derivative_block + j * kBlock : nullptr);
+            const size_t first_run = runs.size();
+            int32_t* intervals = intervals_block + j * kBlock;
+            crossings.block(int32_t(j), start, start + width, runs, intervals);
+            for (size_t index = first_run; index < runs.size(); ++index) {
+                const Run& run = runs[index];
+                if (run.interval == kDense) {
+                    for (int64_t i = 0; i < width; ++i) row[i] += slopes[intervals[i]] * t[i] + intercepts[intervals[i]];
+                    continue;
+                }
+                const T slope = slopes[run.interval], intercept = intercepts[run.interval];
+                for (int64_t i = run.first - start; i < run.stop - start; ++i) row[i] += slope * t[i] + intercept;
+            }
+        }
+        if (row_keys.visible) {
+            const int64_t hidden_until = std::min(row_keys.visible[j], start + width);
+            for (int64_t i = 0; i < hidden_until - start; ++i) row[i] = -infinity;
+        }
+    }
+}
+
+// (width, d) rows of `source` from row `start` -> (d_padded, C) transposed and zero-padded.
+template <typename T> void transpose_block(const T* source, int64_t width, int64_t d, T* target) {
+    std::fill(target, target + round_up(d, 2 * Simd<T>::width) * kBlock, T(0));
+    for (int64_t i = 0; i < width; ++i)
+        for (int64_t c = 0; c < d; ++c) target[c * kBlock + i] = source[i * d + c];
+}
+
+template <typename T> void forward(const Problem& p) {
+    const int64_t n = p.length, d = p.channels, total = p.cells + p.null_keys;
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+    const int64_t d_padded = round_up(d, 2 * Simd<T>::width);
+    constexpr int W = Simd<T>::width;
+    struct Scratch {
+        std::vector<T> q_t, scores, out_t, t;
+        std::vector<int32_t> intervals;
+        std::vector<Run> runs;
+    };
+    std::vector<Scratch> scratch(std::max<int64_t>(1, p.threads));
+    // one item per row: the row's keys are prepared once, then its blocks run in order
+    parallel_for(p.rows, p.threads, [&](int64_t row, int64_t thread) {
+        Scratch& s = scratch[thread];
+        s.q_t.resize(d_padded * kBlock);
+        s.scores.resize(total * kBlock);
+        s.out_t.resize(d_padded * kBlock);
+        s.t.resize(p.cells * kBlock);
+        const RowKeys<T> row_keys(p, row);
+        RowCrossings crossings(p, row_keys.coordinates);
+        s.intervals.resize(p.cells * kBlock);
+        for (int64_t block = 0; block < blocks; ++block) {
+            const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
+            const T* q = static_cast<const T*>(p.q) + (row * n + start) * d;
+            transpose_block(q, width, d, s.q_t.data());
+            block_scores<T>(p, row_keys, crossings, s.q_t.data(), start, width, s.scores.data(), s.t.data(), nullptr,
+                            s.intervals.data(), s.runs);
+            // softmax over the keys, per query (vectors along the queries)
+            T maximum[kBlock], sum[kBlock];
+            for (int64_t i = 0; i < kBlock; i += W) {
+                vec<T> peak = splat(-std::numeric_limits<T>::infinity());
+                for (int64_t j = 0; j < total; ++j) {
+                    const vec<T> x = load(s.scores.data() + j * kBlock + i);
+                    peak = x > peak ? x : peak;
+                }
+                // a query that sees no key: weights 0, output 0, log-sum-exp -inf
+                const vec<T> shift = peak == -std::numeric_limits<T>::infinity() ? splat(T(0)) : peak;
+                vec<T> total_weight = {};
+                for (int64_t j = 0; j < total; ++j) {
+                    T* x = s.scores.data() + j * kBlock + i;
+                    const vec<T> weight = exp_vector(load(x) - shift);
+                    store(x, weight);
+                    total_weight += weight;
+                }
+                store(maximum + i, peak);
+                store(sum + i, total_weight);
+            }
+            multiply<T>(d, kBlock, total, row_keys.values_t.data(), total, s.scores.data(), kBlock, s.out_t.data(),
+                        kBlock, T(1), false);
+            T* out = static_cast<T*>(p.out) + (row * n + start) * d;
+            T* lse = static_cast<T*>(p.lse) + row * n + start;
+            for (int64_t i = 0; i < width; ++i) {
+                const T normaliser = sum[i] > 0 ? T(1) / sum[i] : T(0);
+                for (int64_t c = 0; c < d; ++c) out[i * d + c] = s.out_t[c * kBlock + i] * normaliser;
+                lse[i] = sum[i] > 0 ? maximum[i] + std::log(sum[i]) : -std::numeric_limits<T>::infinity();
+            }
+        }
+    });
+}
+
+template <typename T> void backward(const Problem& p) {
+    const int64_t n = p.length, m = p.cells, e = p.null_keys, d = p.channels, total = m + e;
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+    const int64_t d_padded = round_up(d, 2 * Simd<T>::width);
+    const int64_t table_rows = p.kinks + 1;
+    parallel_for(p.rows, p.threads, [&](int64_t row, int64_t) {
+        const RowKeys<T> row_keys(p, row);
+        RowCrossings crossings(p, row_keys.coordinates);
+        std::vector<Run> runs;
+        std::vector<int32_t> intervals(m * kBlock);
+        std::vector<T> q_t(d_padded * kBlock), q_rows(kBlock * d_padded), grad_out_t(d_padded * kBlock);
+        std::vector<T> grad_out_rows(kBlock * d_padded), weights(total * kBlock), grad_scores(total * kBlock);
+        std::vector<T> grad_q_t(d_padded * kBlock), t(m * kBlock), derivative(m * kBlock);
+        std::vector<T> grad_keys(total * d_padded, T(0)), grad_values(total * d_padded, T(0));
+        std::vector<T> grad_w(m, T(0)), grad_slope(table_rows, T(0)), grad_intercept(table_rows, T(0));
+        const T* lse = static_cast<const T*>(p.lse) + row * n;
+        for (int64_t block = 0; block < blocks; ++block) {
+            const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
+            const T* q = static_cast<const T*>(p.q) + (row * n + start) * d;
+            const T* grad_out = static_cast<const T*>(p.grad_out) + (row * n + start) * d;
+            transpose_block(q, width, d, q_t.data());
+            transpose_block(grad_out, width, d, grad_out_t.data());
+            std::fill(q_rows.begin(), q_rows.end(), T(0));
+            std::fill(grad_out_rows.begin(), grad_out_rows.end(), T(0));
+            for (int64_t i = 0; i < width; ++i)
+                for (int64_t c = 0; c < d; ++c) {
+                    q_rows[i * d_padded + c] = q[i * d + c];
+                    grad_out_rows[i * d_padded + c] = grad_out[i * d + c];
+                }
+            block_scores<T>(p, row_keys, crossings, q_t.data(), start, width, weights.data(), t.data(),
+                            derivative.data(), intervals.data(), runs);
+            // weights = exp(logit - lse); a shift of +inf gives 0 past the block's end and for a
+            // query that sees no key (lse -inf)
+            T shift[kBlock];
+            for (int64_t i = 0; i < kBlock; ++i)
+                shift[i] = i < width && lse[start + i] > -std::numeric_limits<T>::infinity()
+                               ? lse[start + i] : std::numeric_limits<T>::infinity();
+            for (int64_t j = 0; j < total; ++j)
+                for (int64_t i = 0; i < kBlock; i += Simd<T>::width) {
+                    T* x = weights.data() + j * kBlock + i;
+                    store(x, exp_vector(load(x) - load(shift + i)));
+                }
+            // d logits = P * (dP - D), dP = dO v^T, D = rowsum(dO * O) = sum_j P_j dP_j, taken in the
+            // second form: from the same dP, so that a query whose whole weight sits on one key gets
+            // exactly zero logit gradients (a causal query that sees only the null key)
+            multiply<T>(total, kBlock, d, row_keys.values.data(), d, grad_out_t.data(), kBlock, grad_scores.data(),
+                        kBlock, T(1), false);
+            for (int64_t i = 0; i < kBlock; i += Simd<T>::width) {
+                vec<T> weighted = {};
+                for (int64_t j = 0; j < total; ++j)
+                    weighted += load(weights.data() + j * kBlock + i) * load(grad_scores.data() + j * kBlock + i);
+                for (int64_t j = 0; j < total; ++j) {
+                    T* g = grad_scores.data() + j * kBlock + i;
+                    store(g, load(weights.data() + j * kBlock + i) * (load(g) - weighted));
+                }
+            }
+            // grad q = scale * dS^T k; grad k += scale * dS q; grad v += P dO
+            multiply<T>(d, kBlock, total, row_keys.keys_t.data(), total, grad_scores.data(), kBlock, grad_q_t.data(),
+                        kBlock, T(p.scale), false);
+            T* grad_q = static_cast<T*>(p.grad_q) + (row * n + start) * d;
+            for (int64_t i = 0; i < width; ++i)
+                for (int64_t c = 0; c < d; ++c) grad_q[i * d + c] = grad_q_t[c * kBlock + i];
+            multiply<T>(total, d_padded, width, grad_scores.data(), kBlock, q_rows.data(), d_padded, grad_keys.data(),
+                        d_padded, T(p.scale), true);
+            multiply<T>(total, d_padded, width, weights.data(), kBlock, grad_out_rows.data(), d_padded,
+                        grad_values.data(), d_padded, T(1), true);
+            if (!p.has_bias) continue;
+            // the bias's gradients, run by run: d bias / d w = -slope dt/dd, with dt/dd = 1 / (1 + |d|)
+            // for the log distance; the table's, sums of g t and of g over each run's interval
+            constexpr int W = Simd<T>::width;
+            vec<T> lane;
+            for (int index = 0; index < W; ++index) lane[index] = T(index);
+            const T* slopes = row_keys.slopes.data();
+            for (const Run& run : runs) {  // masked vector sums over the run's columns
+                const int64_t offset = run.key * kBlock, first = run.first - start, stop = run.stop - start;
+                if (run.interval == kDense) {  // per query: scatter into its interval
+                    const int32_t* interval = intervals.data() + offset;
+                    T total_gd = 0;
+                    for (int64_t i = first; i < stop; ++i) {
+                        const T g = grad_scores[offset + i];
+                        grad_intercept[interval[i]] += g;
+                        grad_slope[interval[i]] += g * t[offset + i];
+                        total_gd += slopes[interval[i]] * g * derivative[offset + i];
+                    }
+                    grad_w[run.key] -= total_gd;
+                    continue;
+                }
+                vec<T> sum_g = {}, sum_gt = {}, sum_gd = {};
+                for (int64_t i = first / W * W; i < stop; i += W) {
+                    const vec<T> column = lane + T(i);
+                    const auto inside = (column >= T(first)) & (column < T(stop));
+                    const vec<T> g = inside ? load(grad_scores.data() + offset + i) : splat(T(0));
+                    sum_g += g;
+                    sum_gt += g * load(t.data() + offset + i);
+                    sum_gd += g * load(derivative.data() + offset + i);
+                }
+                T total_g = 0, total_gt = 0, total_gd = 0;
+                for (int index = 0; index < W; ++index) {
+                    total_g += sum_g[index];
+                    total_gt += sum_gt[index];
+                    total_gd += sum_gd[index];
+                }
+                grad_intercept[run.interval] += total_g;
+                grad_slope[run.interval] += total_gt;
+                grad_w[run.key] -= slopes[run.interval] * total_gd;
+            }
+        }
+        T* grad_k = static_cast<T*>(p.grad_k) + row * m * d;
+        T* grad_v = static_cast<T*>(p.grad_v) + row * m * d;
+        for (int64_t j = 0; j < total; ++j)
+            for (int64_t c = 0; c < d; ++c) {
+                T* k_target = j < m ? grad_k + j * d : static_cast<T*>(p.grad_null_k) + (row * e + j - m) * d;
+                T* v_target = j < m ? grad_v + j * d : static_cast<T*>(p.grad_null_v) + (row * e + j - m) * d;
+                k_target[c] = grad_keys[j * d_padded + c];
+                v_target[c] = grad_values[j * d_padded + c];
+            }
+        if (p.has_bias) {
+            std::memcpy(static_cast<T*>(p.grad_key_coordinates) + row * m, grad_w.data(), sizeof(T) * m);
+            std::memcpy(static_cast<T*>(p.grad_slopes) + row * table_rows, grad_slope.data(), sizeof(T) * table_rows);
+            std::memcpy(static_cast<T*>(p.grad_intercepts) + row * table_rows, grad_intercept.data(),
+                        sizeof(T) * table_rows);
+        }
+    });
+}
+
+}  // namespace
+
+extern "C" {
+int deform_attn_fused_abi() { return 1; }
+void deform_attn_fused_forward_f32(const Problem* p) { forward<float>(*p); }
+void deform_attn_fused_forward_f64(const Problem* p) { forward<double>(*p); }
+void deform_attn_fused_backward_f32(const Problem* p) { backward<float>(*p); }
+void deform_attn_fused_backward_f64(const Problem* p) { backward<double>(*p); }
+}
