@@ -188,8 +188,8 @@ class DeformableAttention1D(nn.Module):
         sampled = self.sample_keys(rearrange(x, "b (g d) n -> (b g) d n", g=groups), positions)
         sampled = rearrange(sampled, "(b g) d m -> b (g d) m", b=batch)
         keys, values = self.to_k(sampled), self.to_v(sampled)  # (b, h d, m)
-        # shape: (b, h d, len) -> (b, h, len, d); SDPA on CPU is ~3x slower on the strided views
-        q, k, v = (rearrange(t, "b (h d) l -> b h l d", h=self.heads).contiguous() for t in (queries, keys, values))
+        # shape: (b, h d, len) -> (b, h, len, d), views
+        q, k, v = (rearrange(t, "b (h d) l -> b h l d", h=self.heads) for t in (queries, keys, values))
 
         cells = offsets.shape[-1]
         key_padding = None
@@ -198,6 +198,8 @@ class DeformableAttention1D(nn.Module):
         coordinates = distance_coordinates(torch.arange(length, device=x.device), offsets, length, r, geometry=self.geometry)
         bias = self.bias_for_kernels(offsets.dtype)
         plan = self.attention_plan(q, cells=cells, bias=bias)
+        if plan.kernel != "fused":  # SDPA on CPU is ~3x slower on the strided views; the fused kernel takes them
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         causal = {}
         if self.causal:  # (b g, m) first visible query; (b, h, 1, d) null key and value
             # under autocast q is in the low precision and the parameters are not
@@ -207,6 +209,7 @@ class DeformableAttention1D(nn.Module):
             plan, q, k, v, coordinates=coordinates, position_bias=bias, scale=self.scale, key_padding=key_padding,
             log_distance=self.position_bias is not None and self.position_bias.log_distance,
             dropout_p=self.dropout if self.training else 0.0, **causal,
+            overwrite_q=not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))),
         )
         out = self.to_out(rearrange(out, "b h n d -> b (h d) n"))  # (b, dim, n)
         if mask is not None:

@@ -81,6 +81,12 @@ def resolve_layer_arguments(
     }
 
 
+def _all_finite(x: Tensor) -> bool:
+    """``torch.isfinite(x).all()`` in one reduction where it can: a NaN or infinity makes the sum
+    NaN or infinite; only a finite sum beyond the dtype's range needs the elementwise check."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def check_input(
     x: Any,
     mask: Any,
@@ -113,7 +119,7 @@ def check_input(
     tracing = torch.compiler.is_compiling()
     not_finite_message = "x: contains NaN or infinity; pass implementation=Implementation(check_finite=False) to let them propagate"
     if mask is None:
-        if check_finite and not tracing and not torch.isfinite(x).all():
+        if check_finite and not tracing and not _all_finite(x):
             raise ValueError(not_finite_message)
         return
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:

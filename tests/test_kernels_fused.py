@@ -273,3 +273,51 @@ def test_the_library_compiles_into_an_empty_cache(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert len(list(tmp_path.glob("kernels/*/libdeform_attn_fused.so"))) == 1
+
+
+def test_overwrite_q_writes_the_same_output_into_q():
+    inputs, _, common, table, grid, log_distance = kernel_case(torch.float32, causal=True, padding=True)
+    arguments = dict(**common, query_grid=grid, table=table, log_distance=log_distance)
+    with torch.no_grad():
+        detached = {name: t.detach() for name, t in inputs.items()}
+        expected = fused_biased_attention(**detached, **arguments)
+        q = detached.pop("q").clone()
+        out = fused_biased_attention(q, **{n: t for n, t in detached.items()}, **arguments, overwrite_q=True)
+    assert out.data_ptr() == q.data_ptr()
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="^overwrite_q: only without gradients"):
+        fused_biased_attention(**inputs, **arguments, overwrite_q=True)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_inference_equals_the_training_path(batch_first):
+    """In inference the layer lets the kernel overwrite its queries and takes the (b, h, d, n)
+    layout of its projections; the output is the one autograd's path computes."""
+    torch.manual_seed(0)
+    layer, _ = layer_pair(batch_first=batch_first)
+    x = torch.randn(2, 150, 16) if batch_first else torch.randn(2, 16, 150)
+    with torch.no_grad():
+        inference = layer(x)
+    training = layer(x.clone().requires_grad_())
+    assert torch.equal(inference, training.detach())
+
+
+def test_kernel_takes_both_layouts():
+    """q, k, v as (b, h, n, d) storage or as (b, h, d, n) storage seen transposed: same results."""
+    inputs, differentiable, common, table, grid, log_distance = kernel_case(torch.float64, causal=True)
+    arguments = dict(**common, query_grid=grid, table=table, log_distance=log_distance)
+    rows_out = fused_biased_attention(**inputs, **arguments)
+    rows_grads = torch.autograd.grad(rows_out.sum(), differentiable)
+    transposed = {
+        name: t.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_() if name in ("q", "k", "v")
+        else t for name, t in inputs.items()
+    }
+    assert not transposed["q"].is_contiguous()
+    columns_out = fused_biased_attention(**transposed, **arguments)
+    columns_grads = torch.autograd.grad(
+        columns_out.sum(), [transposed.get(name, t) for name, t in zip(inputs, differentiable)] + differentiable[len(inputs):]
+    )
+    assert not columns_out.is_contiguous()
+    torch.testing.assert_close(columns_out, rows_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(columns_grads, rows_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -79,6 +79,7 @@ def biased_attention(
     visible_from: Tensor | None = None,
     null_k: Tensor | None = None,
     null_v: Tensor | None = None,
+    overwrite_q: bool = False,
 ) -> Tensor:
     """Run ``plan``'s kernel: attention of the queries to the keys with a position bias.
 
@@ -98,6 +99,8 @@ def biased_attention(
             ``i >= visible_from[.., j]`` (causal attention).
         null_k, null_v: optional (b, h, e, d) keys and values every query sees, without position
             bias; needed whenever ``visible_from`` can hide every key from a query.
+        overwrite_q: the fused kernel may write its output into ``q`` (a temporary, no gradients);
+            the other kernels ignore it.
 
     Returns:
         (b, h, n, d).
@@ -109,7 +112,7 @@ def biased_attention(
         return fused_biased_attention(
             q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,
             query_grid=coordinates.grid, table=table, log_distance=log_distance, scale=scale, key_padding=key_padding,
-            visible_from=visible_from, null_k=null_k, null_v=null_v,
+            visible_from=visible_from, null_k=null_k, null_v=null_v, overwrite_q=overwrite_q,
         )
     if plan.kernel == "piecewise":
         if table is None:

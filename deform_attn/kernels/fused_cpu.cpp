@@ -30,7 +30,7 @@
 
 namespace {
 
-constexpr int64_t kBlock = 64;  // queries per block: a multiple of two vectors of either type
+constexpr int64_t kBlock = 32;  // queries per block: a multiple of two vectors of either type
 
 template <typename T> struct Simd;
 template <> struct Simd<float> {
@@ -161,9 +161,10 @@ void multiply(int64_t rows, int64_t columns, int64_t depth, const T* A, int64_t 
 struct Problem {
     int64_t rows, length, cells, channels, null_keys, kinks, outputs, heads, threads;
     int64_t log_distance, has_bias;
+    int64_t channels_first;  // q, k, v, out and their gradients are (rows, d, len), not (rows, len, d)
     double step, origin, scale;
     const void *q, *k, *v, *null_k, *null_v;
-    const void* query_coordinates;  // (n,)
+    const void* query_coordinates;  // (round_up(n, 32),): the queries', then the last one repeated
     const void* key_coordinates;    // (rows, m)
     const double* thresholds;       // (kinks,) the kinks in distance units
     const void *slopes, *intercepts;  // (kinks + 1, outputs)
@@ -213,8 +214,18 @@ template <typename T> struct RowKeys {
         const int64_t m = p.cells, e = p.null_keys, d = p.channels;
         keys.resize(total * d);
         values.resize(total * d);
-        std::memcpy(keys.data(), static_cast<const T*>(p.k) + row * m * d, sizeof(T) * m * d);
-        std::memcpy(values.data(), static_cast<const T*>(p.v) + row * m * d, sizeof(T) * m * d);
+        const T* k = static_cast<const T*>(p.k) + row * m * d;
+        const T* v = static_cast<const T*>(p.v) + row * m * d;
+        if (p.channels_first) {
+            for (int64_t c = 0; c < d; ++c)
+                for (int64_t j = 0; j < m; ++j) {
+                    keys[j * d + c] = k[c * m + j];
+                    values[j * d + c] = v[c * m + j];
+                }
+        } else {
+            std::memcpy(keys.data(), k, sizeof(T) * m * d);
+            std::memcpy(values.data(), v, sizeof(T) * m * d);
+        }
         if (e) {
             std::memcpy(keys.data() + m * d, static_cast<const T*>(p.null_k) + row * e * d, sizeof(T) * e * d);
             std::memcpy(values.data() + m * d, static_cast<const T*>(p.null_v) + row * e * d, sizeof(T) * e * d);
@@ -305,28 +316,25 @@ struct RowCrossings {
     }
 };
 
-// t = sign(d) log(1 + |d|) (or d) of d = u_i - w for the queries [start, stop) of the block
-// from query `start`, written to t_out[i - start]; with derivative_out, also dt/dd.
+// t = sign(d) log(1 + |d|) (or d) of d = u - w for a vector of query coordinates u.
+template <typename T> inline vec<T> distance_input(const Problem& p, vec<T> u, T w) {
+    const vec<T> d = u - w;
+    if (!p.log_distance) return d;
+    const vec<T> log_magnitude = log1p_vector(abs_vector<T>(d));
+    return d < T(0) ? -log_magnitude : log_magnitude;
+}
+
+// t of d = u_i - w for the queries [start, stop) of the block from query `start`, written to
+// t_out[i - start]; with derivative_out, also dt/dd = 1 / (1 + |d|) (1 without the log). Whole
+// vectors: u holds at least round_up(n, kBlock) coordinates and the buffers kBlock values.
 template <typename T>
 void distance_inputs(const Problem& p, const T* u, T w, int64_t start, int64_t stop, T* t_out, T* derivative_out) {
-    constexpr int W = Simd<T>::width;
-    for (int64_t i = start; i < stop; i += W) {  // whole vectors: the buffers are padded
-        vec<T> d;
-        if (i + W <= p.length) {
-            d = load(u + i) - w;
-        } else {
-            for (int lane = 0; lane < W; ++lane) d[lane] = (i + lane < p.length ? u[i + lane] : u[p.length - 1]) - w;
-        }
-        vec<T> t = d;
-        if (p.log_distance) {
-            const vec<T> magnitude = abs_vector<T>(d);
-            const vec<T> log_magnitude = log1p_vector(magnitude);
-            t = d < 0 ? -log_magnitude : log_magnitude;
-            if (derivative_out) store(derivative_out + (i - start), T(1) / (magnitude + T(1)));
-        } else if (derivative_out) {
-            store(derivative_out + (i - start), splat(T(1)));
-        }
-        store(t_out + (i - start), t);
+    for (int64_t i = start; i < stop; i += Simd<T>::width) {
+        const vec<T> coordinates = load(u + i);
+        store(t_out + (i - start), distance_input<T>(p, coordinates, w));
+        if (derivative_out)
+            store(derivative_out + (i - start),
+                  p.log_distance ? T(1) / (abs_vector<T>(coordinates - w) + T(1)) : splat(T(1)));
     }
 }
 
@@ -352,20 +360,37 @@ void block_scores(const Problem& p, const RowKeys<T>& row_keys, RowCrossings& cr
             continue;
         }
         if (p.has_bias) {
-            T* t = t_block + j * kBlock;
-            distance_inputs<T>(p, u, row_keys.coordinates[j], start, start + width, t,
-                               derivative_block ? derivative_block + j * kBlock : nullptr);
+            const T w = row_keys.coordinates[j];
             const size_t first_run = runs.size();
             int32_t* intervals = intervals_block + j * kBlock;
             crossings.block(int32_t(j), start, start + width, runs, intervals);
-            for (size_t index = first_run; index < runs.size(); ++index) {
-                const Run& run = runs[index];
-                if (run.interval == kDense) {
-                    for (int64_t i = 0; i < width; ++i) row[i] += slopes[intervals[i]] * t[i] + intercepts[intervals[i]];
-                    continue;
+            T local_t[kBlock];
+            T* t = t_block ? t_block + j * kBlock : local_t;
+            if (runs.size() == first_run + 1 && runs.back().interval != kDense) {
+                // one interval over the whole block (most keys): t, bias and logit in one pass, the
+                // same in the forward and the backward pass, whose recomputed logits must equal the
+                // forward's to the last bit; t and dt/dd kept for the backward
+                const T slope = slopes[runs.back().interval], intercept = intercepts[runs.back().interval];
+                for (int64_t i = 0; i < width; i += Simd<T>::width) {
+                    const vec<T> coordinates = load(u + start + i), t_vector = distance_input<T>(p, coordinates, w);
+                    store(row + i, load(row + i) + (slope * t_vector + intercept));
+                    if (t_block) store(t + i, t_vector);
+                    if (derivative_block)
+                        store(derivative_block + j * kBlock + i,
+                              p.log_distance ? T(1) / (abs_vector<T>(coordinates - w) + T(1)) : splat(T(1)));
                 }
-                const T slope = slopes[run.interval], intercept = intercepts[run.interval];
-                for (int64_t i = run.first - start; i < run.stop - start; ++i) row[i] += slope * t[i] + intercept;
+            } else {
+                distance_inputs<T>(p, u, w, start, start + width, t,
+                                   derivative_block ? derivative_block + j * kBlock : nullptr);
+                for (size_t index = first_run; index < runs.size(); ++index) {
+                    const Run& run = runs[index];
+                    if (run.interval == kDense) {
+                        for (int64_t i = 0; i < width; ++i) row[i] += slopes[intervals[i]] * t[i] + intercepts[intervals[i]];
+                        continue;
+                    }
+                    const T slope = slopes[run.interval], intercept = intercepts[run.interval];
+                    for (int64_t i = run.first - start; i < run.stop - start; ++i) row[i] += slope * t[i] + intercept;
+                }
             }
         }
         if (row_keys.visible) {
@@ -375,11 +400,39 @@ void block_scores(const Problem& p, const RowKeys<T>& row_keys, RowCrossings& cr
     }
 }
 
-// (width, d) rows of `source` from row `start` -> (d_padded, C) transposed and zero-padded.
-template <typename T> void transpose_block(const T* source, int64_t width, int64_t d, T* target) {
+// Queries [start, start + width) of one row of `source` ((len, d), or (d, len) channels first)
+// -> (d_padded, C), transposed and zero-padded.
+template <typename T>
+void load_columns(const T* source, bool channels_first, int64_t len, int64_t start, int64_t width, int64_t d,
+                  T* target) {
     std::fill(target, target + round_up(d, 2 * Simd<T>::width) * kBlock, T(0));
+    if (channels_first) {
+        for (int64_t c = 0; c < d; ++c) std::memcpy(target + c * kBlock, source + c * len + start, sizeof(T) * width);
+    } else {
+        for (int64_t i = 0; i < width; ++i)
+            for (int64_t c = 0; c < d; ++c) target[c * kBlock + i] = source[(start + i) * d + c];
+    }
+}
+
+// The same queries -> (C, d_padded) rows, zero-padded.
+template <typename T>
+void load_rows(const T* source, bool channels_first, int64_t len, int64_t start, int64_t width, int64_t d,
+               int64_t d_padded, T* target) {
+    std::fill(target, target + kBlock * d_padded, T(0));
     for (int64_t i = 0; i < width; ++i)
-        for (int64_t c = 0; c < d; ++c) target[c * kBlock + i] = source[i * d + c];
+        for (int64_t c = 0; c < d; ++c)
+            target[i * d_padded + c] = channels_first ? source[c * len + start + i] : source[(start + i) * d + c];
+}
+
+// (d, C) columns times a per-query factor -> queries [start, start + width) of one row of `target`.
+template <typename T>
+void store_columns(const T* columns, const T* factor, bool channels_first, int64_t len, int64_t start,
+                   int64_t width, int64_t d, T* target) {
+    for (int64_t c = 0; c < d; ++c)
+        for (int64_t i = 0; i < width; ++i) {
+            const T value = columns[c * kBlock + i] * (factor ? factor[i] : T(1));
+            (channels_first ? target[c * len + start + i] : target[(start + i) * d + c]) = value;
+        }
 }
 
 template <typename T> void forward(const Problem& p) {
@@ -405,9 +458,8 @@ template <typename T> void forward(const Problem& p) {
         s.intervals.resize(p.cells * kBlock);
         for (int64_t block = 0; block < blocks; ++block) {
             const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
-            const T* q = static_cast<const T*>(p.q) + (row * n + start) * d;
-            transpose_block(q, width, d, s.q_t.data());
-            block_scores<T>(p, row_keys, crossings, s.q_t.data(), start, width, s.scores.data(), s.t.data(), nullptr,
+            load_columns(static_cast<const T*>(p.q) + row * n * d, p.channels_first, n, start, width, d, s.q_t.data());
+            block_scores<T>(p, row_keys, crossings, s.q_t.data(), start, width, s.scores.data(), nullptr, nullptr,
                             s.intervals.data(), s.runs);
             // softmax over the keys, per query (vectors along the queries)
             T maximum[kBlock], sum[kBlock];
@@ -431,13 +483,14 @@ template <typename T> void forward(const Problem& p) {
             }
             multiply<T>(d, kBlock, total, row_keys.values_t.data(), total, s.scores.data(), kBlock, s.out_t.data(),
                         kBlock, T(1), false);
-            T* out = static_cast<T*>(p.out) + (row * n + start) * d;
             T* lse = static_cast<T*>(p.lse) + row * n + start;
+            T normaliser[kBlock];
             for (int64_t i = 0; i < width; ++i) {
-                const T normaliser = sum[i] > 0 ? T(1) / sum[i] : T(0);
-                for (int64_t c = 0; c < d; ++c) out[i * d + c] = s.out_t[c * kBlock + i] * normaliser;
+                normaliser[i] = sum[i] > 0 ? T(1) / sum[i] : T(0);
                 lse[i] = sum[i] > 0 ? maximum[i] + std::log(sum[i]) : -std::numeric_limits<T>::infinity();
             }
+            store_columns(s.out_t.data(), normaliser, p.channels_first, n, start, width, d,
+                          static_cast<T*>(p.out) + row * n * d);
         }
     });
 }
@@ -460,17 +513,12 @@ template <typename T> void backward(const Problem& p) {
         const T* lse = static_cast<const T*>(p.lse) + row * n;
         for (int64_t block = 0; block < blocks; ++block) {
             const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
-            const T* q = static_cast<const T*>(p.q) + (row * n + start) * d;
-            const T* grad_out = static_cast<const T*>(p.grad_out) + (row * n + start) * d;
-            transpose_block(q, width, d, q_t.data());
-            transpose_block(grad_out, width, d, grad_out_t.data());
-            std::fill(q_rows.begin(), q_rows.end(), T(0));
-            std::fill(grad_out_rows.begin(), grad_out_rows.end(), T(0));
-            for (int64_t i = 0; i < width; ++i)
-                for (int64_t c = 0; c < d; ++c) {
-                    q_rows[i * d_padded + c] = q[i * d + c];
-                    grad_out_rows[i * d_padded + c] = grad_out[i * d + c];
-                }
+            const T* q = static_cast<const T*>(p.q) + row * n * d;
+            const T* grad_out = static_cast<const T*>(p.grad_out) + row * n * d;
+            load_columns(q, p.channels_first, n, start, width, d, q_t.data());
+            load_columns(grad_out, p.channels_first, n, start, width, d, grad_out_t.data());
+            load_rows(q, p.channels_first, n, start, width, d, d_padded, q_rows.data());
+            load_rows(grad_out, p.channels_first, n, start, width, d, d_padded, grad_out_rows.data());
             block_scores<T>(p, row_keys, crossings, q_t.data(), start, width, weights.data(), t.data(),
                             derivative.data(), intervals.data(), runs);
             // weights = exp(logit - lse); a shift of +inf gives 0 past the block's end and for a
@@ -501,9 +549,8 @@ template <typename T> void backward(const Problem& p) {
             // grad q = scale * dS^T k; grad k += scale * dS q; grad v += P dO
             multiply<T>(d, kBlock, total, row_keys.keys_t.data(), total, grad_scores.data(), kBlock, grad_q_t.data(),
                         kBlock, T(p.scale), false);
-            T* grad_q = static_cast<T*>(p.grad_q) + (row * n + start) * d;
-            for (int64_t i = 0; i < width; ++i)
-                for (int64_t c = 0; c < d; ++c) grad_q[i * d + c] = grad_q_t[c * kBlock + i];
+            store_columns(grad_q_t.data(), static_cast<const T*>(nullptr), p.channels_first, n, start, width, d,
+                          static_cast<T*>(p.grad_q) + row * n * d);
             multiply<T>(total, d_padded, width, grad_scores.data(), kBlock, q_rows.data(), d_padded, grad_keys.data(),
                         d_padded, T(p.scale), true);
             multiply<T>(total, d_padded, width, weights.data(), kBlock, grad_out_rows.data(), d_padded,
@@ -553,10 +600,12 @@ template <typename T> void backward(const Problem& p) {
         T* grad_v = static_cast<T*>(p.grad_v) + row * m * d;
         for (int64_t j = 0; j < total; ++j)
             for (int64_t c = 0; c < d; ++c) {
-                T* k_target = j < m ? grad_k + j * d : static_cast<T*>(p.grad_null_k) + (row * e + j - m) * d;
-                T* v_target = j < m ? grad_v + j * d : static_cast<T*>(p.grad_null_v) + (row * e + j - m) * d;
-                k_target[c] = grad_keys[j * d_padded + c];
-                v_target[c] = grad_values[j * d_padded + c];
+                T* k_target = j >= m ? static_cast<T*>(p.grad_null_k) + (row * e + j - m) * d + c
+                              : p.channels_first ? grad_k + c * m + j : grad_k + j * d + c;
+                T* v_target = j >= m ? static_cast<T*>(p.grad_null_v) + (row * e + j - m) * d + c
+                              : p.channels_first ? grad_v + c * m + j : grad_v + j * d + c;
+                *k_target = grad_keys[j * d_padded + c];
+                *v_target = grad_values[j * d_padded + c];
             }
         if (p.has_bias) {
             std::memcpy(static_cast<T*>(p.grad_key_coordinates) + row * m, grad_w.data(), sizeof(T) * m);
@@ -570,7 +619,7 @@ template <typename T> void backward(const Problem& p) {
 }  // namespace
 
 extern "C" {
-int deform_attn_fused_abi() { return 1; }
+int deform_attn_fused_abi() { return 3; }
 void deform_attn_fused_forward_f32(const Problem* p) { forward<float>(*p); }
 void deform_attn_fused_forward_f64(const Problem* p) { forward<double>(*p); }
 void deform_attn_fused_backward_f32(const Problem* p) { backward<float>(*p); }
