@@ -51,8 +51,9 @@ class PointwiseConv1d(nn.Conv1d):
         # shape: (out, in / g, 1) -> (g, out / g, in / g); x (b, in, n) -> (b, g, in / g, n)
         weight = self.weight.view(groups, self.out_channels // groups, -1)
         out = torch.matmul(weight, x.reshape(batch, groups, -1, length)).view(batch, self.out_channels, length)
-        # the bias in the product's dtype: under autocast the product is in the low precision
-        return out if self.bias is None else out + self.bias[:, None].to(out.dtype)
+        # in place: the product is a fresh tensor, and a second one would cost its page faults; the
+        # bias in the product's dtype (under autocast the product is in the low precision)
+        return out if self.bias is None else out.add_(self.bias[:, None].to(out.dtype))
 
 
 class DeformableAttention1D(nn.Module):

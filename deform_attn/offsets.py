@@ -128,13 +128,24 @@ class OffsetNetwork(nn.Module):
         conv = self.depthwise
         (kernel_size,) = conv.kernel_size
         r = self.downsample_factor
-        padded = F.pad(grouped_queries, self.padding if padding is None else padding)
-        cells = (padded.shape[-1] - kernel_size) // r + 1
+        left, right = self.padding if padding is None else padding
+        length = grouped_queries.shape[-1]
+        cells = (left + length + right - kernel_size) // r + 1
         weight = conv.weight[:, 0]  # (d, k)
-        # out[.., c, j] = bias[c] + sum_k weight[c, k] x[.., c, j r + k]: tap k reads tokens k, k + r, ...
-        out = conv.bias[:, None] + weight[:, :1] * padded[..., : r * (cells - 1) + 1 : r]
-        for tap in range(1, kernel_size):
-            out = torch.addcmul(out, weight[:, tap, None], padded[..., tap : tap + r * (cells - 1) + 1 : r])
+        # out[.., c, j] = bias[c] + sum_k weight[c, k] x[.., c, j r + k - left], zero outside the
+        # sequence: each tap adds to the cells whose token lies inside (no padded copy of x)
+        out = None
+        for tap in sorted(range(kernel_size), key=lambda tap: tap != left):  # tap `left` covers every cell
+            first = max(0, -(-(left - tap) // r))  # first cell whose token j r + tap - left >= 0
+            stop = min(cells, (length - 1 - tap + left) // r + 1)  # cells whose token is < n
+            if stop <= first:
+                continue
+            start_token = first * r + tap - left
+            taps = grouped_queries[..., start_token : start_token + r * (stop - first - 1) + 1 : r]
+            if out is None:
+                out = torch.addcmul(conv.bias[:, None], weight[:, tap, None], taps)
+                continue
+            out[..., first:stop].addcmul_(weight[:, tap, None], taps)
         return out
 
     def forward(self, grouped_queries: Tensor, padding: tuple[int, int] | None = None) -> Tensor:
