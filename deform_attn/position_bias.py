@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -135,21 +136,36 @@ def _affine_pieces(linears: list[nn.Linear], points: Tensor, dtype: torch.dtype)
 def _find_kinks(linears: list[nn.Linear]) -> Tensor:
     """Sorted kinks of the ReLU MLP ``linears`` (ReLU after all but the last), in float64.
 
-    The number of kinks depends on the weights, so under ``torch.compile`` this part runs eagerly
-    (a graph break at ``torch.unique``); the table built from it compiles.
+    Computed in NumPy on a float64 copy of the weights: a few dozen operations on arrays of a few
+    hundred numbers, where each torch call's overhead would cost more than its work (the table is
+    rebuilt at every training step). The number of kinks depends on the weights, so under
+    ``torch.compile`` this part runs eagerly; the table built from it compiles.
     """
     with torch.no_grad():
-        kinks = linears[0].weight.new_zeros(0, dtype=torch.float64)
-        for depth in range(1, len(linears)):
-            # pre-activations of layer `depth - 1`'s units are affine on each current interval
-            points = _representative_points(kinks)
-            slopes, intercepts = _affine_pieces(linears[:depth], points, torch.float64)
-            lower = torch.cat([kinks.new_full((1,), -torch.inf), kinks])[:, None]
-            upper = torch.cat([kinks, kinks.new_full((1,), torch.inf)])[:, None]
-            crossing = -intercepts / slopes.where(slopes != 0, torch.ones_like(slopes))
-            inside = (slopes != 0) & (crossing > lower) & (crossing < upper)
-            kinks = torch.unique(torch.cat([kinks, crossing[inside]]))  # sorted, ties merged
-        return kinks
+        layers = [
+            (layer.weight.detach().to("cpu", torch.float64).numpy(), layer.bias.detach().to("cpu", torch.float64).numpy())
+            for layer in linears
+        ]
+    kinks = np.zeros(0)
+    for depth in range(1, len(layers)):
+        # pre-activations of layer `depth - 1`'s units are affine on each current interval
+        if kinks.size == 0:
+            points = np.zeros(1)
+        else:
+            points = np.concatenate([kinks[:1] - (1 + abs(kinks[0])), (kinks[:-1] + kinks[1:]) / 2,
+                                     kinks[-1:] + (1 + abs(kinks[-1]))])
+        slopes = np.broadcast_to(layers[0][0][:, 0], (points.size, layers[0][0].shape[0]))
+        intercepts = np.broadcast_to(layers[0][1], slopes.shape)
+        for weight, bias in layers[1:depth]:
+            active = slopes * points[:, None] + intercepts > 0
+            slopes, intercepts = (slopes * active) @ weight.T, (intercepts * active) @ weight.T + bias
+        lower = np.concatenate([[-np.inf], kinks])[:, None]
+        upper = np.concatenate([kinks, [np.inf]])[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            crossing = -intercepts / np.where(slopes != 0, slopes, 1.0)
+        inside = (slopes != 0) & (crossing > lower) & (crossing < upper)
+        kinks = np.unique(np.concatenate([kinks, crossing[inside]]))  # sorted, ties merged
+    return torch.from_numpy(kinks).to(linears[0].weight.device)
 
 
 def piecewise_linear_table(linears: list[nn.Linear], dtype: torch.dtype) -> PiecewiseLinearTable:
@@ -219,7 +235,19 @@ class ContinuousPositionBias(nn.Module):
         """
         if self.frozen_table is not None:
             return PiecewiseLinearTable(*(part.to(dtype) for part in self.frozen_table))
-        return piecewise_linear_table(list(self.linears), dtype)
+        parameters = list(self.parameters())
+        if torch.is_grad_enabled() and any(parameter.requires_grad for parameter in parameters):
+            return piecewise_linear_table(list(self.linears), dtype)  # carries the graph to the weights
+        # Without gradients the table is a constant of the weights: reuse it while they are unchanged
+        # (in-place updates bump a tensor's version; .to() makes new tensors). Finding the kinks costs
+        # ~0.2 ms, 5% of an inference forward at batch 32, n = 96.
+        key = (dtype, tuple((id(parameter), parameter._version) for parameter in parameters))
+        cached = getattr(self, "_inference_table", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, piecewise_linear_table(list(self.linears), dtype))
+            self._inference_table = cached
+        return cached[1]
 
     def freeze(self) -> PiecewiseLinearTable:
         """Compute the table once, in float64, and use it until :meth:`unfreeze`.

@@ -201,7 +201,7 @@ template <typename Work> void parallel_for(int64_t items, int64_t threads, Work 
 
 // One (sequence, head) row's keys as the blocks use them.
 template <typename T> struct RowKeys {
-    int64_t total;              // m + null keys
+    int64_t total = 0;          // m + null keys
     std::vector<T> keys, values;  // (total, d)
     std::vector<T> keys_t, values_t;  // (d, total)
     const T* coordinates;       // (m,)
@@ -210,7 +210,9 @@ template <typename T> struct RowKeys {
     int64_t column;             // this row's column of the table
     std::vector<T> slopes, intercepts;  // (kinks + 1,) that column
 
-    RowKeys(const Problem& p, int64_t row) : total(p.cells + p.null_keys) {
+    // Fills the buffers for `row`, reusing their memory: one RowKeys per thread serves many rows.
+    void prepare(const Problem& p, int64_t row) {
+        total = p.cells + p.null_keys;
         const int64_t m = p.cells, e = p.null_keys, d = p.channels;
         keys.resize(total * d);
         values.resize(total * d);
@@ -263,18 +265,22 @@ constexpr int64_t kMostRuns = 4;
 
 // Every key's kink crossings in one row, and how far the row's blocks have passed them.
 struct RowCrossings {
-    int64_t kinks;
+    int64_t kinks = 0;
     std::vector<int32_t> crossings;  // (m, kinks): first query past each kink, nondecreasing per key
     std::vector<int64_t> passed;     // (m,): crossings at or before the current block's start
 
     // crossing = clamp(floor((w + D_l - origin) / step) + 1, 0, n), as kink_crossings (with a
     // product by 1 / step: a quotient within rounding of an integer may land on either side,
     // which moves a pair across a kink where the bias is continuous)
-    template <typename T> RowCrossings(const Problem& p, const T* coordinates) : kinks(p.kinks) {
+    std::vector<double> shifted;     // (kinks,) D_l - origin
+
+    // Computes the crossings of one row, reusing the buffers (one RowCrossings per thread).
+    template <typename T> void prepare(const Problem& p, const T* coordinates) {
+        kinks = p.kinks;
         if (!p.has_bias) return;
         crossings.resize(p.cells * kinks);
         passed.assign(p.cells, 0);
-        std::vector<double> shifted(kinks);
+        shifted.resize(kinks);
         for (int64_t l = 0; l < kinks; ++l) shifted[l] = p.thresholds[l] - p.origin;
         const double inverse_step = 1.0 / p.step, length = double(p.length);
         for (int64_t j = 0; j < p.cells; ++j) {
@@ -441,9 +447,11 @@ template <typename T> void forward(const Problem& p) {
     const int64_t d_padded = round_up(d, 2 * Simd<T>::width);
     constexpr int W = Simd<T>::width;
     struct Scratch {
-        std::vector<T> q_t, scores, out_t, t;
+        std::vector<T> q_t, scores, out_t;
         std::vector<int32_t> intervals;
         std::vector<Run> runs;
+        RowKeys<T> row_keys;
+        RowCrossings crossings;
     };
     std::vector<Scratch> scratch(std::max<int64_t>(1, p.threads));
     // one item per row: the row's keys are prepared once, then its blocks run in order
@@ -452,9 +460,10 @@ template <typename T> void forward(const Problem& p) {
         s.q_t.resize(d_padded * kBlock);
         s.scores.resize(total * kBlock);
         s.out_t.resize(d_padded * kBlock);
-        s.t.resize(p.cells * kBlock);
-        const RowKeys<T> row_keys(p, row);
-        RowCrossings crossings(p, row_keys.coordinates);
+        s.row_keys.prepare(p, row);
+        s.crossings.prepare(p, s.row_keys.coordinates);
+        const RowKeys<T>& row_keys = s.row_keys;
+        RowCrossings& crossings = s.crossings;
         s.intervals.resize(p.cells * kBlock);
         for (int64_t block = 0; block < blocks; ++block) {
             const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
@@ -500,16 +509,37 @@ template <typename T> void backward(const Problem& p) {
     const int64_t blocks = (n + kBlock - 1) / kBlock;
     const int64_t d_padded = round_up(d, 2 * Simd<T>::width);
     const int64_t table_rows = p.kinks + 1;
-    parallel_for(p.rows, p.threads, [&](int64_t row, int64_t) {
-        const RowKeys<T> row_keys(p, row);
-        RowCrossings crossings(p, row_keys.coordinates);
+    struct Scratch {
+        RowKeys<T> row_keys;
+        RowCrossings crossings;
         std::vector<Run> runs;
-        std::vector<int32_t> intervals(m * kBlock);
-        std::vector<T> q_t(d_padded * kBlock), q_rows(kBlock * d_padded), grad_out_t(d_padded * kBlock);
-        std::vector<T> grad_out_rows(kBlock * d_padded), weights(total * kBlock), grad_scores(total * kBlock);
-        std::vector<T> grad_q_t(d_padded * kBlock), t(m * kBlock), derivative(m * kBlock);
-        std::vector<T> grad_keys(total * d_padded, T(0)), grad_values(total * d_padded, T(0));
-        std::vector<T> grad_w(m, T(0)), grad_slope(table_rows, T(0)), grad_intercept(table_rows, T(0));
+        std::vector<int32_t> intervals;
+        std::vector<T> q_t, q_rows, grad_out_t, grad_out_rows, weights, grad_scores, grad_q_t, t, derivative;
+        std::vector<T> grad_keys, grad_values, grad_w, grad_slope, grad_intercept;
+    };
+    std::vector<Scratch> scratch(std::max<int64_t>(1, p.threads));
+    parallel_for(p.rows, p.threads, [&](int64_t row, int64_t thread) {
+        Scratch& s = scratch[thread];
+        s.row_keys.prepare(p, row);
+        s.crossings.prepare(p, s.row_keys.coordinates);
+        const RowKeys<T>& row_keys = s.row_keys;
+        RowCrossings& crossings = s.crossings;
+        std::vector<Run>& runs = s.runs;
+        s.intervals.resize(m * kBlock);
+        for (auto* buffer : {&s.q_t, &s.grad_out_t, &s.grad_q_t}) buffer->resize(d_padded * kBlock);
+        for (auto* buffer : {&s.q_rows, &s.grad_out_rows}) buffer->resize(kBlock * d_padded);
+        for (auto* buffer : {&s.weights, &s.grad_scores}) buffer->resize(total * kBlock);
+        for (auto* buffer : {&s.t, &s.derivative}) buffer->resize(m * kBlock);
+        s.grad_keys.assign(total * d_padded, T(0));
+        s.grad_values.assign(total * d_padded, T(0));
+        s.grad_w.assign(m, T(0));
+        s.grad_slope.assign(table_rows, T(0));
+        s.grad_intercept.assign(table_rows, T(0));
+        std::vector<int32_t>& intervals = s.intervals;
+        std::vector<T>&q_t = s.q_t, &q_rows = s.q_rows, &grad_out_t = s.grad_out_t, &grad_out_rows = s.grad_out_rows;
+        std::vector<T>&weights = s.weights, &grad_scores = s.grad_scores, &grad_q_t = s.grad_q_t, &t = s.t;
+        std::vector<T>&derivative = s.derivative, &grad_keys = s.grad_keys, &grad_values = s.grad_values;
+        std::vector<T>&grad_w = s.grad_w, &grad_slope = s.grad_slope, &grad_intercept = s.grad_intercept;
         const T* lse = static_cast<const T*>(p.lse) + row * n;
         for (int64_t block = 0; block < blocks; ++block) {
             const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
