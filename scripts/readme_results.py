@@ -9,6 +9,8 @@ everything else in the README is prose. The blocks:
 - ``performance``: the long-sequence benchmark (``deform_attn/data/bench/cpu-2core-fp32``), median
   time and peak memory of a training step per case and length, the reference parity, and the
   speed ratios against full attention;
+- ``floors``: the speed and memory targets of the default layer against the committed runs of
+  the fused kernel (``deform_attn/data/bench/fused-cpu-2core``, :mod:`deform_attn.bench.floors`);
 - ``ablations``: the paired differences of the published ``cpu`` ablation records
   (``deform_attn/experiments/data/cpu``).
 
@@ -123,7 +125,23 @@ def ablations_block() -> str:
     return "\n".join(lines) + "\n"
 
 
-GENERATORS = {"performance": performance_block, "ablations": ablations_block}
+FUSED_BENCH = REPO_ROOT / "deform_attn" / "data" / "bench" / "fused-cpu-2core"
+
+
+def floors_block(folder: Path = FUSED_BENCH) -> str:
+    from deform_attn.bench.floors import check_floors
+
+    lines = ["| target | measured | met |", "| --- | --- | --- |"]
+    for item in check_floors(folder):
+        values = ", ".join(f"{value:.2f}" for value in item["values"]) or "not measured"
+        lines.append(f"| {item['floor'].label} | {values} | {'yes' if item['met'] else '**no**'} |")
+    met = sum(item["met"] for item in check_floors(folder))
+    lines.append("")
+    lines.append(f"{met} of {len(lines) - 3} targets met.")
+    return "\n".join(lines) + "\n"
+
+
+GENERATORS = {"performance": performance_block, "floors": floors_block, "ablations": ablations_block}
 
 
 def render(text: str) -> str:
