@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deform_attn import OffsetNetwork
+from deform_attn import DeformableAttention1D, OffsetNetwork
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -109,3 +109,41 @@ def test_offset_network_equals_its_definition(layer_norm, bounded, downsample_fa
     raw = torch.einsum("bdm,d->bm", torch.nn.functional.gelu(hidden), network.pointwise.weight[0, :, 0])
     expected = (torch.tanh(raw) if bounded else raw) * 2.5
     torch.testing.assert_close(network(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "length, kernel_size, stride, left, right",
+    [(23, 6, 4, 1, 1), (40, 7, 3, 2, 2), (17, 6, 4, 2, 0), (9, 6, 4, 0, 0), (1, 1, 1, 0, 0)],
+)
+def test_strided_depthwise_conv_is_the_padded_convolution(length, kernel_size, stride, left, right):
+    """Values, gradients and second derivatives equal conv1d over the zero-padded input."""
+    from deform_attn.offsets import strided_depthwise_conv
+
+    generator = torch.Generator().manual_seed(length)
+    x = torch.randn(3, 5, length, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(5, kernel_size, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
+    expected = torch.nn.functional.conv1d(
+        torch.nn.functional.pad(x, (left, right)), weight[:, None], bias, stride=stride, groups=5
+    )
+    torch.testing.assert_close(strided_depthwise_conv(x, weight, bias, stride, left, right), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(strided_depthwise_conv(x, weight, bias, stride, left, right), expected)
+    conv = lambda *args: strided_depthwise_conv(*args, stride, left, right)  # noqa: E731
+    assert torch.autograd.gradcheck(conv, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(conv, (x, weight, bias))
+
+
+def test_forward_passes_leave_the_parameters_unchanged():
+    """A single-channel, single-cell layer once wrote into its own depthwise bias (an expanded view
+    that .contiguous() returned as is): every forward must leave every parameter as it was."""
+    torch.manual_seed(0)
+    layer = DeformableAttention1D(dim=4, dim_head=1, heads=1, downsample_factor=1, offset_kernel_size=1).double()
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    x = torch.randn(1, 4, 1, dtype=torch.float64)
+    outputs = [layer(x), layer(x, torch.ones(1, 1, dtype=torch.bool))]
+    with torch.no_grad():
+        outputs.append(layer(x))
+    for name, p in layer.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert all(torch.equal(out, outputs[0]) for out in outputs[1:])
