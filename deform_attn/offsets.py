@@ -102,6 +102,10 @@ def _depthwise_forward(x: Tensor, weight: Tensor, bias: Tensor, stride: int, lef
     return out
 
 
+# inputs from this many elements (4 MiB of float32) take the one-buffer backward
+_ONE_BUFFER_BACKWARD_FROM = 2**20
+
+
 class _StridedDepthwiseConv(torch.autograd.Function):
     """Strided depthwise convolution whose backward writes the input's gradient into one buffer.
 
@@ -150,8 +154,11 @@ def strided_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int,
     """
     if torch.compiler.is_exporting():  # the taps' bounds would make the traced program guard on n
         return F.conv1d(F.pad(x, (left, right)), weight[:, None], bias, stride=stride, groups=weight.shape[0])
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
-        return _depthwise_forward(x, weight, bias, stride, left, right)  # nothing to save memory for
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    if not needs_grad or x.numel() < _ONE_BUFFER_BACKWARD_FROM:
+        # no gradient, or a small input: autograd's own backward of the slices (its per-tap zero
+        # tensors are cheap here, and a Python backward would cost ~0.25 ms per call)
+        return _depthwise_forward(x, weight, bias, stride, left, right)
     return _StridedDepthwiseConv.apply(x, weight, bias, stride, left, right)
 
 
