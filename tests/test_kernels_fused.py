@@ -321,3 +321,20 @@ def test_kernel_takes_both_layouts():
     torch.testing.assert_close(columns_out, rows_out, rtol=1e-12, atol=1e-12)
     for a, b in zip(columns_grads, rows_grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_an_unwritable_cache_means_unavailable_with_a_reason(tmp_path):
+    """A cache path that cannot hold a folder: the kernel is unavailable, says why, and "auto" runs."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    result = run_python(
+        "import torch; from deform_attn import DeformableAttention1D, kernels\n"
+        "assert not kernels.fused_available()\n"
+        "print(kernels.fused_unavailable_reason())\n"
+        "print(tuple(DeformableAttention1D(dim=16, dim_head=8, heads=4)(torch.randn(1, 16, 40)).shape))",
+        DEFORM_ATTN_CACHE=str(blocker),
+    )
+    assert result.returncode == 0, result.stderr
+    reason, shape = result.stdout.split("\n")[:2]
+    assert reason.startswith("cannot write the compiled kernel to") and "DEFORM_ATTN_CACHE" in reason
+    assert shape == "(1, 16, 40)"

@@ -112,10 +112,13 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_signature().encode()]))
         target = _cache_directory() / key.hexdigest()[:20] / "libdeform_attn_fused.so"
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # compile beside the target, then rename: concurrent processes never load a partial file
-            handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(handle)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                # compile beside the target, then rename: concurrent processes never load a partial file
+                handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+                os.close(handle)
+            except OSError as error:
+                return None, f"cannot write the compiled kernel to {target.parent} (set DEFORM_ATTN_CACHE): {error}"
             result = subprocess.run(
                 [compiler, *flags, "-o", partial, str(SOURCE)], capture_output=True, text=True, timeout=600
             )
@@ -124,7 +127,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                 errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-500:]}")
                 continue
             os.replace(partial, target)
-        library = ctypes.CDLL(str(target))
+        try:
+            library = ctypes.CDLL(str(target))
+        except OSError as error:  # e.g. a cache on a filesystem mounted noexec
+            errors.append(f"loading {target}: {error}")
+            continue
         if library.deform_attn_fused_abi() != _ABI:
             errors.append(f"{target}: ABI {library.deform_attn_fused_abi()}, expected {_ABI}")
             continue
