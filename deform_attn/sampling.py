@@ -43,8 +43,9 @@ def _check_sample_inputs(values: Tensor, positions: Tensor) -> None:
 def linear_sample_1d(values: Tensor, positions: Tensor) -> Tensor:
     """Sample ``values`` at fractional ``positions`` by linear interpolation, zero outside.
 
-    Implemented with two gathers; differentiable with respect to both ``values`` and ``positions``
-    (the gradient with respect to a position is the difference of its two neighbouring tokens).
+    Implemented with one gather of both neighbours; differentiable with respect to both
+    ``values`` and ``positions`` (the gradient with respect to a position is the difference of
+    its two neighbouring tokens).
 
     Args:
         values: (batch, channels, length) sequence to sample from.
@@ -55,21 +56,22 @@ def linear_sample_1d(values: Tensor, positions: Tensor) -> Tensor:
     """
     _check_sample_inputs(values, positions)
     batch, channels, length = values.shape
+    cells = positions.shape[1]
     positions = positions.to(torch.promote_types(positions.dtype, values.dtype))
 
     left_index = positions.floor()
     right_weight = positions - left_index  # gradient w.r.t. positions flows through here
     left_index = left_index.long()
-    right_index = left_index + 1
-
-    def gather_or_zero(index: Tensor) -> Tensor:
-        inside = (index >= 0) & (index < length)
-        # shape: (b, m) -> (b, c, m), clamped so gather stays in range; outside taps are zeroed
-        safe_index = index.clamp(0, length - 1).unsqueeze(1).expand(batch, channels, -1)
-        return values.gather(-1, safe_index) * inside.unsqueeze(1).to(values.dtype)
-
-    right_weight = right_weight.unsqueeze(1).to(values.dtype)
-    return gather_or_zero(left_index) * (1 - right_weight) + gather_or_zero(right_index) * right_weight
+    # shape: (b, 2, m): the left and the right neighbour of every position
+    index = torch.stack([left_index, left_index + 1], dim=1)
+    inside = (index >= 0) & (index < length)
+    # a neighbour outside the sequence weighs zero (its index is clamped only to keep gather in range)
+    weights = torch.stack([1 - right_weight, right_weight], dim=1).to(values.dtype) * inside.to(values.dtype)
+    # one gather, not one per neighbour: its backward zero-fills one (b, c, n) gradient, not two
+    safe_index = index.clamp(0, length - 1).flatten(1).unsqueeze(1).expand(batch, channels, -1)  # (b, c, 2 m)
+    neighbours = values.gather(-1, safe_index)  # (b, c, 2 m)
+    left, right = neighbours[..., :cells], neighbours[..., cells:]  # (b, c, m) each, views
+    return torch.addcmul(left * weights[:, None, 0], right, weights[:, None, 1])
 
 
 def linear_sample_1d_reference(values: Tensor, positions: Tensor) -> Tensor:
