@@ -301,3 +301,33 @@ def test_float64_layer_matches_float32():
     out64 = layer.double()(x.double())
     assert out64.dtype == torch.float64
     assert max_relative_error(out32.double(), out64) < 1e-5
+
+
+# ---------------------------------------------------------------- the 1x1 projections
+
+
+@pytest.mark.parametrize("groups, bias", [(1, True), (1, False), (4, False)])
+@pytest.mark.parametrize("layout", ["channels-first", "tokens-major", "unbatched"])
+def test_pointwise_conv_is_the_1x1_convolution(groups, bias, layout):
+    """Same values and gradients as nn.Conv1d with the same state dict, whichever product computes it:
+    an ungrouped projection of a (b, n, in)-stored input is one product over the tokens and
+    returns a view of (b, n, out) storage; the others keep (b, out, n) storage."""
+    from deform_attn.attention import PointwiseConv1d
+
+    torch.manual_seed(groups)
+    ours = PointwiseConv1d(8, 12, groups=groups, bias=bias).double()
+    conv = torch.nn.Conv1d(8, 12, 1, groups=groups, bias=bias).double()
+    conv.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == list(conv.state_dict())
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    x = {"channels-first": x.transpose(1, 2).contiguous(), "tokens-major": x.transpose(1, 2), "unbatched": x[0].T}[layout]
+    x.requires_grad_()
+    out, expected = ours(x), conv(x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    if layout == "tokens-major" and groups == 1:
+        assert out.transpose(1, 2).is_contiguous()
+    cotangent = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, [x, *ours.parameters()], cotangent)
+    expected_grads = torch.autograd.grad(expected, [x, *conv.parameters()], cotangent)
+    for actual, wanted in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual, wanted, rtol=1e-12, atol=1e-12)

@@ -302,25 +302,77 @@ def test_layer_inference_equals_the_training_path(batch_first):
     assert torch.equal(inference, training.detach())
 
 
-def test_kernel_takes_both_layouts():
-    """q, k, v as (b, h, n, d) storage or as (b, h, d, n) storage seen transposed: same results."""
-    inputs, differentiable, common, table, grid, log_distance = kernel_case(torch.float64, causal=True)
+def _stored_as(tensor, layout):
+    """``tensor`` (b, h, len, d) with the same values, stored in ``layout``."""
+    b, h, length, d = tensor.shape
+    if layout == "rows":  # (b, h, len, d)
+        return tensor.contiguous()
+    if layout == "channels-first":  # (b, h, d, len), the layer's projections
+        return tensor.transpose(2, 3).contiguous().transpose(2, 3)
+    if layout == "tokens-major":  # (b, len, h, d), a projection over tokens
+        return tensor.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "packed":  # one slice of a (b, len, 3, h, d) q-k-v projection, no dense layout
+        packed = torch.zeros(b, length, 3, h, d, dtype=tensor.dtype)
+        packed[:, :, 1] = tensor.transpose(1, 2)
+        return packed[:, :, 1].transpose(1, 2)
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("layout", ["rows", "channels-first", "tokens-major", "packed"])
+@pytest.mark.parametrize("tokens_major_output", [False, True])
+def test_kernel_reads_any_layout_and_writes_the_one_asked(layout, tokens_major_output):
+    """q, k, v and the output's gradient are read in place in any layout (the strides go to the
+    kernel); the output takes q's layout, or (b, n, h, d) storage when asked; the values and
+    gradients are those of the contiguous inputs."""
+    inputs, differentiable, common, table, grid, log_distance = kernel_case(torch.float64, causal=True, padding=True)
     arguments = dict(**common, query_grid=grid, table=table, log_distance=log_distance)
-    rows_out = fused_biased_attention(**inputs, **arguments)
-    rows_grads = torch.autograd.grad(rows_out.sum(), differentiable)
-    transposed = {
-        name: t.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_() if name in ("q", "k", "v")
-        else t for name, t in inputs.items()
+    expected = fused_biased_attention(**inputs, **arguments)
+    cotangent = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected_grads = torch.autograd.grad(expected, differentiable, cotangent)
+
+    stored = {
+        name: _stored_as(t.detach(), layout).requires_grad_() if name in ("q", "k", "v") else t
+        for name, t in inputs.items()
     }
-    assert not transposed["q"].is_contiguous()
-    columns_out = fused_biased_attention(**transposed, **arguments)
-    columns_grads = torch.autograd.grad(
-        columns_out.sum(), [transposed.get(name, t) for name, t in zip(inputs, differentiable)] + differentiable[len(inputs):]
+    assert layout == "rows" or not stored["q"].is_contiguous()
+    out = fused_biased_attention(**stored, **arguments, tokens_major_output=tokens_major_output)
+    if tokens_major_output:
+        assert out.transpose(1, 2).is_contiguous()
+    elif layout != "packed":  # a dense q's layout; the packed slice is not dense, so (b, h, n, d)
+        assert out.stride() == stored["q"].stride()
+    grads = torch.autograd.grad(
+        out, [stored.get(name, t) for name, t in zip(inputs, differentiable)] + differentiable[len(inputs):],
+        _stored_as(cotangent, layout),
     )
-    assert not columns_out.is_contiguous()
-    torch.testing.assert_close(columns_out, rows_out, rtol=1e-12, atol=1e-12)
-    for a, b in zip(columns_grads, rows_grads):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for actual, wanted in zip(grads, expected_grads):
+        torch.testing.assert_close(actual, wanted, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["rows", "channels-first", "tokens-major"])
+def test_overwrite_q_in_each_layout_the_layer_makes(layout):
+    inputs, _, common, table, grid, log_distance = kernel_case(torch.float32, causal=True)
+    arguments = dict(**common, query_grid=grid, table=table, log_distance=log_distance)
+    with torch.no_grad():
+        detached = {name: t.detach() for name, t in inputs.items()}
+        expected = fused_biased_attention(**detached, **arguments)
+        q = _stored_as(detached.pop("q"), layout)
+        out = fused_biased_attention(q, **detached, **arguments, overwrite_q=True,
+                                     tokens_major_output=layout == "tokens-major")
+    assert out.data_ptr() == q.data_ptr() and out.stride() == q.stride()
+    assert torch.equal(out, expected)
+
+
+def test_overwrite_q_refuses_layouts_it_cannot_write():
+    inputs, _, common, table, grid, log_distance = kernel_case(torch.float32)
+    arguments = dict(**common, query_grid=grid, table=table, log_distance=log_distance)
+    with torch.no_grad():
+        detached = {name: t.detach() for name, t in inputs.items()}
+        q = detached.pop("q")
+        with pytest.raises(ValueError, match="^overwrite_q: with tokens_major_output, q must be stored as"):
+            fused_biased_attention(q.clone(), **detached, **arguments, overwrite_q=True, tokens_major_output=True)
+        with pytest.raises(ValueError, match=r"^overwrite_q: q must be stored as \(b, h, n, d\)"):
+            fused_biased_attention(_stored_as(q, "packed"), **detached, **arguments, overwrite_q=True)
 
 
 def test_an_unwritable_cache_means_unavailable_with_a_reason(tmp_path):

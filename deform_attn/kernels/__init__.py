@@ -80,6 +80,7 @@ def biased_attention(
     null_k: Tensor | None = None,
     null_v: Tensor | None = None,
     overwrite_q: bool = False,
+    tokens_major_output: bool = False,
 ) -> Tensor:
     """Run ``plan``'s kernel: attention of the queries to the keys with a position bias.
 
@@ -101,6 +102,8 @@ def biased_attention(
             bias; needed whenever ``visible_from`` can hide every key from a query.
         overwrite_q: the fused kernel may write its output into ``q`` (a temporary, no gradients);
             the other kernels ignore it.
+        tokens_major_output: the fused kernel stores its output as (b, n, h, d), so that it is a
+            (b, n, h d) view; the other kernels ignore it.
 
     Returns:
         (b, h, n, d).
@@ -113,6 +116,7 @@ def biased_attention(
             q, k, v, query_coordinates=coordinates.queries, key_coordinates=coordinates.keys,
             query_grid=coordinates.grid, table=table, log_distance=log_distance, scale=scale, key_padding=key_padding,
             visible_from=visible_from, null_k=null_k, null_v=null_v, overwrite_q=overwrite_q,
+            tokens_major_output=tokens_major_output,
         )
     if plan.kernel == "piecewise":
         if table is None:

@@ -3,10 +3,11 @@ r"""The fused CPU kernel: biased attention in one pass per block of queries, in 
 The other kernels pay for the position bias in full passes over (queries x keys) tensors: the
 SDPA kernel materialises it (a search, two gathers and a few elementwise passes per pair), the
 piecewise kernel builds it from prefix sums. On batched short sequences those passes cost more
-than the attention itself. This kernel computes, for one block of 64 queries of one (sequence,
+than the attention itself. This kernel computes, for one block of 32 queries of one (sequence,
 head) row at a time, the logits, the bias, the masks, the softmax and the product with the values
 while the block sits in the cache, FlashAttention's recipe with the whole (short) key axis held
-at once; the backward pass recomputes the logits from the saved log-sum-exp.
+at once; the backward pass recomputes the logits from the saved log-sum-exp. It reads its inputs
+and writes its outputs through their strides, so the projections' layouts need no copies.
 
 The bias uses the regular query grid, as the piecewise kernel does: key :math:`j` passes kink
 :math:`k` at query :math:`r_{jk}` (:func:`deform_attn.kernels.kink_crossings`), so between two
@@ -47,7 +48,7 @@ from .sdpa import check_causal_arguments
 __all__ = ["fused_biased_attention", "fused_available", "fused_unavailable_reason", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
-_ABI = 3
+_ABI = 4
 _BLOCK = 32  # kBlock of fused_cpu.cpp
 # -fopenmp first: the library then runs on PyTorch's own OpenMP threads (see fused_cpu.cpp)
 _FLAG_SETS = (
@@ -57,6 +58,15 @@ _FLAG_SETS = (
 )
 
 
+class _Layout(ctypes.Structure):
+    """The C struct ``Layout``: the strides of a (b, h, len, d) tensor, in elements."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "head", "token", "channel")]
+
+
+_LAYOUTS = ("q", "k", "v", "out", "grad_out", "grad_q", "grad_k", "grad_v")
+
+
 class _Problem(ctypes.Structure):
     """The C struct ``Problem`` of ``fused_cpu.cpp``, field for field."""
 
@@ -64,9 +74,11 @@ class _Problem(ctypes.Structure):
         (name, ctypes.c_int64)
         for name in (
             "rows", "length", "cells", "channels", "null_keys", "kinks", "outputs", "heads", "threads",
-            "log_distance", "has_bias", "channels_first",
+            "log_distance", "has_bias",
         )
     ] + [(name, ctypes.c_double) for name in ("step", "origin", "scale")] + [
+        (f"{name}_layout", _Layout) for name in _LAYOUTS
+    ] + [
         (name, ctypes.c_void_p)
         for name in (
             "q", "k", "v", "null_k", "null_v", "query_coordinates", "key_coordinates", "thresholds", "slopes",
@@ -165,10 +177,7 @@ class _Rows:
         groups = key_coordinates.shape[0] // batch
         self.batch, self.heads, self.length, self.channels, self.groups = batch, heads, length, channels, groups
         self.cells, self.null_keys = key_coordinates.shape[1], null_keys
-        self.overwrite_q = False
-        # q (b, h, n, d) as a view of (b, h, d, n) storage (the layer's projections): keep that
-        # layout for q, k, v, the output and the gradients, and save two transposing copies
-        self.channels_first = not q.is_contiguous() and q.transpose(2, 3).is_contiguous()
+        self.overwrite_q = self.tokens_major_output = False
         self.head_group = torch.arange(heads, device=q.device) // (heads // groups)  # (h,)
         # padded to whole blocks with the last coordinate, so the kernel loads whole vectors
         padded = -(-length // _BLOCK) * _BLOCK
@@ -197,7 +206,7 @@ class _Rows:
     def problem(self, q, k, v, null_k, null_v, coordinates, slopes, intercepts) -> _Problem:
         has_bias = slopes is not None
         return _Problem(
-            channels_first=int(self.channels_first),
+            q_layout=_layout(q), k_layout=_layout(k), v_layout=_layout(v),
             rows=self.batch * self.heads, length=self.length, cells=self.cells, channels=self.channels,
             null_keys=self.null_keys, kinks=self.kinks or 0, outputs=self.outputs, heads=self.heads,
             threads=torch.get_num_threads(), log_distance=int(self.log_distance), has_bias=int(has_bias),
@@ -213,24 +222,35 @@ def _suffix(dtype: torch.dtype) -> str:
     return "f32" if dtype == torch.float32 else "f64"
 
 
-def _in_layout(tensor: Tensor, channels_first: bool) -> Tensor:
-    """``tensor`` (b, h, len, d) with (b, h, len, d) storage, or (b, h, d, len) when ``channels_first``."""
-    if not channels_first:
-        return tensor.contiguous()
-    return tensor.transpose(2, 3).contiguous().transpose(2, 3)
+def _layout(tensor: Tensor) -> _Layout:
+    """The (b, h, len, d) strides of ``tensor``: the kernel reads and writes any view in place."""
+    return _Layout(*tensor.stride())
+
+
+def _dense_like(tensor: Tensor) -> Tensor:
+    """An empty tensor with ``tensor``'s layout where that layout is dense, else contiguous."""
+    return torch.empty_like(tensor)  # keeps the strides of a dense, non-overlapping tensor
+
+
+def _writable_layout(q: Tensor) -> bool:
+    """Whether ``q`` (b, h, n, d) may take the output in place: one of the layouts the layer makes."""
+    return q.is_contiguous() or q.transpose(2, 3).is_contiguous() or q.transpose(1, 2).is_contiguous()
 
 
 class _FusedBiasedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, coordinates, slopes, intercepts, null_k, null_v, rows: _Rows):
-        q, k, v = (_in_layout(t, rows.channels_first) for t in (q, k, v))
         null_k = None if null_k is None else null_k.contiguous()
         null_v = None if null_v is None else null_v.contiguous()
-        # q's layout (empty_like keeps the strides of a dense tensor), or q itself
-        out = q if rows.overwrite_q else torch.empty_like(q)
+        if rows.overwrite_q:
+            out = q
+        elif rows.tokens_major_output:  # (b, n, h, d) storage: out as (b, n, h d) is a view
+            out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+        else:
+            out = _dense_like(q)
         lse = q.new_empty(q.shape[:3])
         problem = rows.problem(q, k, v, null_k, null_v, coordinates, slopes, intercepts)
-        problem.out, problem.lse = out.data_ptr(), lse.data_ptr()
+        problem.out, problem.lse, problem.out_layout = out.data_ptr(), lse.data_ptr(), _layout(out)
         getattr(_load()[0], f"deform_attn_fused_forward_{_suffix(q.dtype)}")(ctypes.byref(problem))
         ctx.rows = rows
         ctx.save_for_backward(q, k, v, coordinates, slopes, intercepts, null_k, null_v, lse)
@@ -245,8 +265,7 @@ class _FusedBiasedAttention(torch.autograd.Function):
             )
         q, k, v, coordinates, slopes, intercepts, null_k, null_v, lse = ctx.saved_tensors
         rows: _Rows = ctx.rows
-        grad_out = _in_layout(grad_out, rows.channels_first)
-        grads = {name: torch.empty_like(t) for name, t in (("q", q), ("k", k), ("v", v))}
+        grads = {name: _dense_like(t) for name, t in (("q", q), ("k", k), ("v", v))}
         if null_k is not None:
             grads["null_k"], grads["null_v"] = torch.empty_like(null_k), torch.empty_like(null_v)
         has_bias = slopes is not None
@@ -255,7 +274,9 @@ class _FusedBiasedAttention(torch.autograd.Function):
             grads["slopes"] = q.new_empty(coordinates.shape[0], slopes.shape[0])  # (b h, k + 1)
             grads["intercepts"] = q.new_empty(coordinates.shape[0], slopes.shape[0])
         problem = rows.problem(q, k, v, null_k, null_v, coordinates, slopes, intercepts)
-        problem.lse, problem.grad_out = lse.data_ptr(), grad_out.data_ptr()
+        problem.lse, problem.grad_out, problem.grad_out_layout = lse.data_ptr(), grad_out.data_ptr(), _layout(grad_out)
+        for name in ("q", "k", "v"):
+            setattr(problem, f"grad_{name}_layout", _layout(grads[name]))
         for name in ("q", "k", "v", "null_k", "null_v", "coordinates", "slopes", "intercepts"):
             field = {"coordinates": "grad_key_coordinates"}.get(name, f"grad_{name}")
             setattr(problem, field, _pointer(grads.get(name)))
@@ -290,6 +311,7 @@ def fused_biased_attention(
     null_k: Tensor | None = None,
     null_v: Tensor | None = None,
     overwrite_q: bool = False,
+    tokens_major_output: bool = False,
 ) -> Tensor:
     """``softmax(q k^T * scale + bias) v`` with ``bias[h, i, j] = f_h(t(u_i - w_j))``, fused on the CPU.
 
@@ -314,6 +336,9 @@ def fused_biased_attention(
             needed): each block of queries is read before its outputs are written, and a large
             fresh output costs page faults (~4 ms per 12 MB on the 2-core CPU). The layer uses
             it in inference, where its queries are a temporary.
+        tokens_major_output: store the output as (b, n, h, d), so that it is a (b, n, h d) view
+            for a projection over tokens; otherwise it takes q's layout. q, k, v and the
+            output's gradient are read in whatever layout they come (no copies).
 
     Returns:
         (b, h, n, d). A query that sees no key at all gets a zero output.
@@ -347,7 +372,10 @@ def fused_biased_attention(
         )
         if needs_grad:
             raise ValueError("overwrite_q: only without gradients (torch.no_grad() or inputs that need none)")
-        if not (q.is_contiguous() or rows.channels_first):
-            raise ValueError("overwrite_q: q must be contiguous, as (b, h, n, d) or (b, h, d, n) storage")
+        if tokens_major_output and not q.transpose(1, 2).is_contiguous():
+            raise ValueError("overwrite_q: with tokens_major_output, q must be stored as (b, n, h, d)")
+        if not _writable_layout(q):
+            raise ValueError("overwrite_q: q must be stored as (b, h, n, d), (b, h, d, n) or (b, n, h, d)")
         rows.overwrite_q = True
+    rows.tokens_major_output = bool(tokens_major_output)
     return _FusedBiasedAttention.apply(q, k, v, coordinates, slopes, intercepts, null_k, null_v, rows)

@@ -158,11 +158,19 @@ void multiply(int64_t rows, int64_t columns, int64_t depth, const T* A, int64_t 
     }
 }
 
+// Where element (sequence b, head h, token i, channel c) of a (b, h, len, d) tensor lies: at
+// b * batch + h * head + i * token + c * channel elements from its pointer. Any view works; the
+// loads take a fast path where the token or the channel stride is 1.
+struct Layout {
+    int64_t batch, head, token, channel;
+};
+
 struct Problem {
     int64_t rows, length, cells, channels, null_keys, kinks, outputs, heads, threads;
     int64_t log_distance, has_bias;
-    int64_t channels_first;  // q, k, v, out and their gradients are (rows, d, len), not (rows, len, d)
     double step, origin, scale;
+    // q, k, v, out, grad_out, grad_q, grad_k, grad_v
+    Layout q_layout, k_layout, v_layout, out_layout, grad_out_layout, grad_q_layout, grad_k_layout, grad_v_layout;
     const void *q, *k, *v, *null_k, *null_v;
     const void* query_coordinates;  // (round_up(n, 32),): the queries', then the last one repeated
     const void* key_coordinates;    // (rows, m)
@@ -170,13 +178,19 @@ struct Problem {
     const void *slopes, *intercepts;  // (kinks + 1, outputs)
     const uint8_t* key_padding;       // (rows, m), 1: the key does not exist; or null
     const int64_t* visible_from;      // (rows, m); or null
-    void *out, *lse;                  // (rows, n, d), (rows, n); the backward reads lse only
-    const void* grad_out;             // (rows, n, d)
-    void *grad_q, *grad_k, *grad_v, *grad_null_k, *grad_null_v;  // like q, k, v, null_k, null_v
+    void *out, *lse;                  // (rows, n, d) in out_layout, (rows, n); the backward reads lse only
+    const void* grad_out;             // (rows, n, d) in grad_out_layout
+    void *grad_q, *grad_k, *grad_v;   // in their layouts
+    void *grad_null_k, *grad_null_v;  // (rows, e, d) like null_k, null_v
     void *grad_key_coordinates, *grad_slopes, *grad_intercepts;  // (rows, m), (rows, kinks + 1) x 2
 };
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+// The first element of row `row` (sequence row / heads, head row % heads) of a tensor in `layout`.
+template <typename T> inline T* row_pointer(const void* base, const Layout& layout, int64_t row, int64_t heads) {
+    return const_cast<T*>(static_cast<const T*>(base)) + (row / heads) * layout.batch + (row % heads) * layout.head;
+}
 
 // Calls work(item, thread index) for item < items on `threads` threads (this one included).
 // Compiled with -fopenmp, the library shares the process's OpenMP runtime with PyTorch (the same
@@ -199,6 +213,16 @@ template <typename Work> void parallel_for(int64_t items, int64_t threads, Work 
 #endif
 }
 
+// One row's m keys (or values) in `layout` -> (m, d) rows.
+template <typename T> void load_keys(const T* source, const Layout& layout, int64_t m, int64_t d, T* target) {
+    if (layout.channel == 1 && layout.token == d) {
+        std::memcpy(target, source, sizeof(T) * m * d);
+        return;
+    }
+    for (int64_t j = 0; j < m; ++j)
+        for (int64_t c = 0; c < d; ++c) target[j * d + c] = source[j * layout.token + c * layout.channel];
+}
+
 // One (sequence, head) row's keys as the blocks use them.
 template <typename T> struct RowKeys {
     int64_t total = 0;          // m + null keys
@@ -216,18 +240,8 @@ template <typename T> struct RowKeys {
         const int64_t m = p.cells, e = p.null_keys, d = p.channels;
         keys.resize(total * d);
         values.resize(total * d);
-        const T* k = static_cast<const T*>(p.k) + row * m * d;
-        const T* v = static_cast<const T*>(p.v) + row * m * d;
-        if (p.channels_first) {
-            for (int64_t c = 0; c < d; ++c)
-                for (int64_t j = 0; j < m; ++j) {
-                    keys[j * d + c] = k[c * m + j];
-                    values[j * d + c] = v[c * m + j];
-                }
-        } else {
-            std::memcpy(keys.data(), k, sizeof(T) * m * d);
-            std::memcpy(values.data(), v, sizeof(T) * m * d);
-        }
+        load_keys(row_pointer<T>(p.k, p.k_layout, row, p.heads), p.k_layout, m, d, keys.data());
+        load_keys(row_pointer<T>(p.v, p.v_layout, row, p.heads), p.v_layout, m, d, values.data());
         if (e) {
             std::memcpy(keys.data() + m * d, static_cast<const T*>(p.null_k) + row * e * d, sizeof(T) * e * d);
             std::memcpy(values.data() + m * d, static_cast<const T*>(p.null_v) + row * e * d, sizeof(T) * e * d);
@@ -406,39 +420,49 @@ void block_scores(const Problem& p, const RowKeys<T>& row_keys, RowCrossings& cr
     }
 }
 
-// Queries [start, start + width) of one row of `source` ((len, d), or (d, len) channels first)
-// -> (d_padded, C), transposed and zero-padded.
+// Queries [start, start + width) of one row of `source` (in `layout`) -> (d_padded, C),
+// transposed and zero-padded.
 template <typename T>
-void load_columns(const T* source, bool channels_first, int64_t len, int64_t start, int64_t width, int64_t d,
-                  T* target) {
+void load_columns(const T* source, const Layout& layout, int64_t start, int64_t width, int64_t d, T* target) {
     std::fill(target, target + round_up(d, 2 * Simd<T>::width) * kBlock, T(0));
-    if (channels_first) {
-        for (int64_t c = 0; c < d; ++c) std::memcpy(target + c * kBlock, source + c * len + start, sizeof(T) * width);
+    if (layout.token == 1) {
+        for (int64_t c = 0; c < d; ++c)
+            std::memcpy(target + c * kBlock, source + c * layout.channel + start, sizeof(T) * width);
     } else {
-        for (int64_t i = 0; i < width; ++i)
-            for (int64_t c = 0; c < d; ++c) target[c * kBlock + i] = source[(start + i) * d + c];
+        for (int64_t i = 0; i < width; ++i) {
+            const T* token = source + (start + i) * layout.token;
+            for (int64_t c = 0; c < d; ++c) target[c * kBlock + i] = token[c * layout.channel];
+        }
     }
 }
 
 // The same queries -> (C, d_padded) rows, zero-padded.
 template <typename T>
-void load_rows(const T* source, bool channels_first, int64_t len, int64_t start, int64_t width, int64_t d,
-               int64_t d_padded, T* target) {
+void load_rows(const T* source, const Layout& layout, int64_t start, int64_t width, int64_t d, int64_t d_padded,
+               T* target) {
     std::fill(target, target + kBlock * d_padded, T(0));
-    for (int64_t i = 0; i < width; ++i)
-        for (int64_t c = 0; c < d; ++c)
-            target[i * d_padded + c] = channels_first ? source[c * len + start + i] : source[(start + i) * d + c];
+    for (int64_t i = 0; i < width; ++i) {
+        const T* token = source + (start + i) * layout.token;
+        for (int64_t c = 0; c < d; ++c) target[i * d_padded + c] = token[c * layout.channel];
+    }
 }
 
-// (d, C) columns times a per-query factor -> queries [start, start + width) of one row of `target`.
+// (d, C) columns times a per-query factor -> queries [start, start + width) of one row of
+// `target` (in `layout`).
 template <typename T>
-void store_columns(const T* columns, const T* factor, bool channels_first, int64_t len, int64_t start,
-                   int64_t width, int64_t d, T* target) {
-    for (int64_t c = 0; c < d; ++c)
+void store_columns(const T* columns, const T* factor, const Layout& layout, int64_t start, int64_t width, int64_t d,
+                   T* target) {
+    if (layout.token == 1) {
+        for (int64_t c = 0; c < d; ++c)
+            for (int64_t i = 0; i < width; ++i)
+                target[c * layout.channel + start + i] = columns[c * kBlock + i] * (factor ? factor[i] : T(1));
+    } else {
         for (int64_t i = 0; i < width; ++i) {
-            const T value = columns[c * kBlock + i] * (factor ? factor[i] : T(1));
-            (channels_first ? target[c * len + start + i] : target[(start + i) * d + c]) = value;
+            T* token = target + (start + i) * layout.token;
+            const T scale = factor ? factor[i] : T(1);
+            for (int64_t c = 0; c < d; ++c) token[c * layout.channel] = columns[c * kBlock + i] * scale;
         }
+    }
 }
 
 template <typename T> void forward(const Problem& p) {
@@ -467,7 +491,7 @@ template <typename T> void forward(const Problem& p) {
         s.intervals.resize(p.cells * kBlock);
         for (int64_t block = 0; block < blocks; ++block) {
             const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
-            load_columns(static_cast<const T*>(p.q) + row * n * d, p.channels_first, n, start, width, d, s.q_t.data());
+            load_columns(row_pointer<T>(p.q, p.q_layout, row, p.heads), p.q_layout, start, width, d, s.q_t.data());
             block_scores<T>(p, row_keys, crossings, s.q_t.data(), start, width, s.scores.data(), nullptr, nullptr,
                             s.intervals.data(), s.runs);
             // softmax over the keys, per query (vectors along the queries)
@@ -498,8 +522,8 @@ template <typename T> void forward(const Problem& p) {
                 normaliser[i] = sum[i] > 0 ? T(1) / sum[i] : T(0);
                 lse[i] = sum[i] > 0 ? maximum[i] + std::log(sum[i]) : -std::numeric_limits<T>::infinity();
             }
-            store_columns(s.out_t.data(), normaliser, p.channels_first, n, start, width, d,
-                          static_cast<T*>(p.out) + row * n * d);
+            store_columns(s.out_t.data(), normaliser, p.out_layout, start, width, d,
+                          row_pointer<T>(p.out, p.out_layout, row, p.heads));
         }
     });
 }
@@ -543,12 +567,12 @@ template <typename T> void backward(const Problem& p) {
         const T* lse = static_cast<const T*>(p.lse) + row * n;
         for (int64_t block = 0; block < blocks; ++block) {
             const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
-            const T* q = static_cast<const T*>(p.q) + row * n * d;
-            const T* grad_out = static_cast<const T*>(p.grad_out) + row * n * d;
-            load_columns(q, p.channels_first, n, start, width, d, q_t.data());
-            load_columns(grad_out, p.channels_first, n, start, width, d, grad_out_t.data());
-            load_rows(q, p.channels_first, n, start, width, d, d_padded, q_rows.data());
-            load_rows(grad_out, p.channels_first, n, start, width, d, d_padded, grad_out_rows.data());
+            const T* q = row_pointer<T>(p.q, p.q_layout, row, p.heads);
+            const T* grad_out = row_pointer<T>(p.grad_out, p.grad_out_layout, row, p.heads);
+            load_columns(q, p.q_layout, start, width, d, q_t.data());
+            load_columns(grad_out, p.grad_out_layout, start, width, d, grad_out_t.data());
+            load_rows(q, p.q_layout, start, width, d, d_padded, q_rows.data());
+            load_rows(grad_out, p.grad_out_layout, start, width, d, d_padded, grad_out_rows.data());
             block_scores<T>(p, row_keys, crossings, q_t.data(), start, width, weights.data(), t.data(),
                             derivative.data(), intervals.data(), runs);
             // weights = exp(logit - lse); a shift of +inf gives 0 past the block's end and for a
@@ -579,8 +603,8 @@ template <typename T> void backward(const Problem& p) {
             // grad q = scale * dS^T k; grad k += scale * dS q; grad v += P dO
             multiply<T>(d, kBlock, total, row_keys.keys_t.data(), total, grad_scores.data(), kBlock, grad_q_t.data(),
                         kBlock, T(p.scale), false);
-            store_columns(grad_q_t.data(), static_cast<const T*>(nullptr), p.channels_first, n, start, width, d,
-                          static_cast<T*>(p.grad_q) + row * n * d);
+            store_columns(grad_q_t.data(), static_cast<const T*>(nullptr), p.grad_q_layout, start, width, d,
+                          row_pointer<T>(p.grad_q, p.grad_q_layout, row, p.heads));
             multiply<T>(total, d_padded, width, grad_scores.data(), kBlock, q_rows.data(), d_padded, grad_keys.data(),
                         d_padded, T(p.scale), true);
             multiply<T>(total, d_padded, width, weights.data(), kBlock, grad_out_rows.data(), d_padded,
@@ -626,14 +650,15 @@ template <typename T> void backward(const Problem& p) {
                 grad_w[run.key] -= slopes[run.interval] * total_gd;
             }
         }
-        T* grad_k = static_cast<T*>(p.grad_k) + row * m * d;
-        T* grad_v = static_cast<T*>(p.grad_v) + row * m * d;
+        T* grad_k = row_pointer<T>(p.grad_k, p.grad_k_layout, row, p.heads);
+        T* grad_v = row_pointer<T>(p.grad_v, p.grad_v_layout, row, p.heads);
+        const Layout &k_layout = p.grad_k_layout, &v_layout = p.grad_v_layout;
         for (int64_t j = 0; j < total; ++j)
             for (int64_t c = 0; c < d; ++c) {
                 T* k_target = j >= m ? static_cast<T*>(p.grad_null_k) + (row * e + j - m) * d + c
-                              : p.channels_first ? grad_k + c * m + j : grad_k + j * d + c;
+                                     : grad_k + j * k_layout.token + c * k_layout.channel;
                 T* v_target = j >= m ? static_cast<T*>(p.grad_null_v) + (row * e + j - m) * d + c
-                              : p.channels_first ? grad_v + c * m + j : grad_v + j * d + c;
+                                     : grad_v + j * v_layout.token + c * v_layout.channel;
                 *k_target = grad_keys[j * d_padded + c];
                 *v_target = grad_values[j * d_padded + c];
             }
@@ -649,7 +674,7 @@ template <typename T> void backward(const Problem& p) {
 }  // namespace
 
 extern "C" {
-int deform_attn_fused_abi() { return 3; }
+int deform_attn_fused_abi() { return 4; }
 void deform_attn_fused_forward_f32(const Problem* p) { forward<float>(*p); }
 void deform_attn_fused_forward_f64(const Problem* p) { forward<double>(*p); }
 void deform_attn_fused_backward_f32(const Problem* p) { backward<float>(*p); }
