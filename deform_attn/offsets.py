@@ -124,15 +124,22 @@ class _StridedDepthwiseConv(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.zeros_like(x)
+        products = None
         if ctx.needs_input_grad[1]:
             grad_weight = torch.zeros_like(weight)
+            # one buffer for every tap's products, unless a second derivative needs the graph
+            products = None if torch.is_grad_enabled() else torch.empty_like(grad_out)
         for tap, first, stop, token in taps:
             window = slice(token, token + stride * (stop - first - 1) + 1, stride)
             grad_cells = grad_out[..., first:stop]
             if grad_x is not None:  # in place on the strided view (autograd records it for a second derivative)
                 grad_x[..., window].addcmul_(grad_cells, weight[:, tap, None])
-            if grad_weight is not None:
+            if grad_weight is not None and products is None:
                 grad_weight[:, tap] = (grad_cells * x[..., window]).sum(dim=(0, 2))
+            elif grad_weight is not None:
+                tap_products = products[..., : stop - first]
+                torch.mul(grad_cells, x[..., window], out=tap_products)
+                grad_weight[:, tap] = tap_products.sum(dim=(0, 2))
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(dim=(0, 2))
         return grad_x, grad_weight, grad_bias, None, None, None
