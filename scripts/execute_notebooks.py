@@ -57,6 +57,9 @@ def execute(path: Path, *, quick: bool, timeout: int, kernel_name: str = "python
         kernel_name=kernel_name,
         timeout=timeout,
         record_timing=False,
+        # one output per stream however the kernel flushed it: a busy machine splits prints
+        # into many pieces, which would change the file and the rendered page for nothing
+        coalesce_streams=True,
         resources={"metadata": {"path": str(path.parent)}},
     )
     start = time.perf_counter()
