@@ -297,11 +297,26 @@ struct RowCrossings {
         shifted.resize(kinks);
         for (int64_t l = 0; l < kinks; ++l) shifted[l] = p.thresholds[l] - p.origin;
         const double inverse_step = 1.0 / p.step, length = double(p.length);
+        const double* shift = shifted.data();
+        const int32_t n = int32_t(p.length);
+        typedef int32_t int4 __attribute__((vector_size(16)));
+        const vec<double> top = splat(length);
         for (int64_t j = 0; j < p.cells; ++j) {
             const double w = coordinates[j];
             int32_t* row = crossings.data() + j * kinks;
-            for (int64_t l = 0; l < kinks; ++l) {
-                const double boundary = std::min(std::max((w + shifted[l]) * inverse_step, -1.0), length);
+            // four kinks at a time: floor(b) + 1 with b = min(x, n) is trunc(b) + 1 for b >= 0 and
+            // 0 for b < 0 (b below -1 clamps to -1), so a truncating conversion gives the floor
+            int64_t l = 0;
+            for (; l + 4 <= kinks; l += 4) {
+                vec<double> boundary = (load(shift + l) + w) * inverse_step;
+                boundary = boundary > top ? top : boundary;
+                boundary = boundary < 0.0 ? splat(-1.0) : boundary;
+                int4 crossing = __builtin_convertvector(boundary, int4) + 1;
+                crossing = crossing > n ? int4{} + n : crossing;
+                std::memcpy(row + l, &crossing, sizeof crossing);
+            }
+            for (; l < kinks; ++l) {
+                const double boundary = std::min(std::max((w + shift[l]) * inverse_step, -1.0), length);
                 row[l] = static_cast<int32_t>(std::min(std::max(std::floor(boundary) + 1.0, 0.0), length));
             }
         }
