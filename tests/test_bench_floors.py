@@ -45,6 +45,15 @@ def test_memory_and_steps(tmp_path):
     assert step["values"] == [1.3, 1.0] and not step["met"]
 
 
+def test_long_rounds_are_rounds_too(tmp_path):
+    """long-r1/, long-r2/: the memory floor holds only if it holds in each."""
+    write_bench(tmp_path / "long-r1", [("c", 16384, "fwd+bwd", 1.0, 99), ("d", 16384, "fwd+bwd", 1.0, 100)])
+    write_bench(tmp_path / "long-r2", [("c", 16384, "fwd+bwd", 1.0, 115), ("d", 16384, "fwd+bwd", 1.0, 100)])
+    checked = {item["floor"].label: item for item in floors.check_floors(tmp_path)}
+    memory = checked["long, n = 16384: training peak memory (ours / full) <= 1"]
+    assert memory["values"] == [0.99, 1.15] and not memory["met"]
+
+
 def test_the_committed_runs_measure_every_floor(capsys):
     checked = floors.check_floors(COMMITTED)
     assert len(checked) == len(floors.FLOORS)

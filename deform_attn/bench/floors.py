@@ -3,7 +3,8 @@
 ``python -m deform_attn.bench.floors DIR`` reads a folder holding
 
 * ``timeseries-r*/``: rounds of ``python -m deform_attn.bench --workload timeseries`` (cases c, d),
-* ``long/``: ``python -m deform_attn.bench --workload long --cases c,d`` at n >= 2048,
+* ``long-r*/`` (or one ``long/``): rounds of ``python -m deform_attn.bench --workload long
+  --cases c,d`` at n >= 2048,
 * ``steps/``: ``python -m deform_attn.bench.steps``,
 
 and prints every floor with the measured value, per round where there are rounds, and whether it
@@ -92,15 +93,18 @@ def check_floors(folder: str | Path) -> list[dict]:
     """Every floor of :data:`FLOORS` with its measured values and whether it is met.
 
     Returns:
-        One dict per floor: ``floor`` (:class:`Floor`), ``values`` (one per timeseries round, per
-        candidate recipe for a training step, else one; empty where nothing was measured) and
+        One dict per floor: ``floor`` (:class:`Floor`), ``values`` (one per round of its workload,
+        one per candidate recipe for a training step; empty where nothing was measured) and
         ``met`` (every value within the bound, and at least one value).
     """
     folder = Path(folder)
     rounds = sorted(folder.glob("timeseries-r*/results.csv"))
     sources = {"timeseries": [_read(path) for path in rounds]}
-    long_file, steps_file = folder / "long" / "results.csv", folder / "steps" / "results.csv"
-    sources["long"] = [_read(long_file)] if long_file.exists() else []
+    # rounds of the long workload too: its resident memory moves with the C library's heap from
+    # one process to the next
+    long_rounds = sorted(folder.glob("long-r*/results.csv")) or sorted(folder.glob("long/results.csv"))
+    sources["long"] = [_read(path) for path in long_rounds]
+    steps_file = folder / "steps" / "results.csv"
     steps_rows = _read(steps_file) if steps_file.exists() else []
     checked = []
     for floor in FLOORS:
