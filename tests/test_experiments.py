@@ -508,6 +508,21 @@ def test_runner_micro_grid_records_and_resume(tmp_path):
     assert out.read_text().splitlines() == lines
 
 
+def test_worker_processes_share_one_output_file(tmp_path):
+    """--jobs 2, the way a GPU is shared by many small runs: two worker processes, one shard and one
+    thread each, append to one file; every run of the grid lands in it exactly once."""
+    out = tmp_path / "jobs.jsonl"
+    seeds = ["0", "1", "2"]
+    subprocess.run(_cli("run", "--preset", "micro", "--jobs", "2", "--device", "cpu", "--out", str(out),
+                        "--quiet", "--seeds", *seeds), env=_environment(), cwd=tmp_path, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    written = [json.loads(line) for line in out.read_text().splitlines()]  # no torn or interleaved line
+    expected = {run.key for run in grid.build_grid("micro", seeds=[int(seed) for seed in seeds])}
+    assert sorted(r["key"] for r in written) == sorted(expected)
+    assert {r["shard"] for r in written} == {"0/2", "1/2"} and {r["threads"] for r in written} == {1}
+    assert {r["device"] for r in written} == {"cpu"}
+
+
 def test_sigkill_mid_grid_loses_only_the_unfinished_run(tmp_path):
     out = tmp_path / "killed.jsonl"
     command = _cli("run", "--preset", "micro", "--out", str(out), "--quiet", "--seeds", "0", "1", "2", "3")
