@@ -134,11 +134,11 @@ class _StridedDepthwiseConv(torch.autograd.Function):
             grad_cells = grad_out[..., first:stop]
             if grad_x is not None:  # in place on the strided view (autograd records it for a second derivative)
                 grad_x[..., window].addcmul_(grad_cells, weight[:, tap, None])
-            if grad_weight is not None and products is None:
-                grad_weight[:, tap] = (grad_cells * x[..., window]).sum(dim=(0, 2))
-            elif grad_weight is not None:
-                tap_products = products[..., : stop - first]
-                torch.mul(grad_cells, x[..., window], out=tap_products)
+            if grad_weight is not None:
+                if products is None:
+                    tap_products = grad_cells * x[..., window]
+                else:
+                    tap_products = torch.mul(grad_cells, x[..., window], out=products[..., : stop - first])
                 grad_weight[:, tap] = tap_products.sum(dim=(0, 2))
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(dim=(0, 2))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from deform_attn.bench import floors
 
 COMMITTED = Path(floors.__file__).resolve().parents[1] / "data" / "bench" / "fused-cpu-2core"
@@ -19,13 +21,22 @@ def write_bench(folder: Path, rows: list[tuple[str, int, str, float, int]]) -> N
             writer.writerow([case, n, mode, "ok", seconds, peak])
 
 
-def test_a_floor_is_met_only_in_every_round(tmp_path):
-    # round 1: forward 2x faster at n = 720; round 2: only 1.4x
-    write_bench(tmp_path / "timeseries-r1", [("c", 720, "fwd", 1.0, 1), ("d", 720, "fwd", 2.0, 1)])
-    write_bench(tmp_path / "timeseries-r2", [("c", 720, "fwd", 1.0, 1), ("d", 720, "fwd", 1.4, 1)])
+@pytest.mark.parametrize(
+    "workload, n, mode, label",
+    [
+        # timeseries: forward 2x faster in round 1, only 1.4x in round 2
+        ("timeseries", 720, "fwd", "timeseries, n = 720: forward (full / ours) >= 1.5"),
+        # long: the memory floor holds in round 1 (0.99) and not in round 2 (1.15)
+        ("long", 16384, "fwd+bwd", "long, n = 16384: training peak memory (ours / full) <= 1"),
+    ],
+)
+def test_a_floor_is_met_only_in_every_round(tmp_path, workload, n, mode, label):
+    for round_, (ours, full) in enumerate([((1.0, 99), (2.0, 100)), ((1.0, 115), (1.4, 100))], start=1):
+        write_bench(tmp_path / f"{workload}-r{round_}",
+                    [("c", n, mode, ours[0], ours[1]), ("d", n, mode, full[0], full[1])])
     checked = {item["floor"].label: item for item in floors.check_floors(tmp_path)}
-    item = checked["timeseries, n = 720: forward (full / ours) >= 1.5"]
-    assert item["values"] == [2.0, 1.4] and not item["met"]
+    item = checked[label]
+    assert item["values"] == ([2.0, 1.4] if workload == "timeseries" else [0.99, 1.15]) and not item["met"]
     missing = checked["timeseries, n = 96: forward (full / ours) >= 0.8"]
     assert missing["values"] == [] and not missing["met"]
 
@@ -43,15 +54,6 @@ def test_memory_and_steps(tmp_path):
     assert memory["values"] == [0.9] and memory["met"]
     step = checked["ablation model's training step, adding (deformable / full) <= 1.25"]
     assert step["values"] == [1.3, 1.0] and not step["met"]
-
-
-def test_long_rounds_are_rounds_too(tmp_path):
-    """long-r1/, long-r2/: the memory floor holds only if it holds in each."""
-    write_bench(tmp_path / "long-r1", [("c", 16384, "fwd+bwd", 1.0, 99), ("d", 16384, "fwd+bwd", 1.0, 100)])
-    write_bench(tmp_path / "long-r2", [("c", 16384, "fwd+bwd", 1.0, 115), ("d", 16384, "fwd+bwd", 1.0, 100)])
-    checked = {item["floor"].label: item for item in floors.check_floors(tmp_path)}
-    memory = checked["long, n = 16384: training peak memory (ours / full) <= 1"]
-    assert memory["values"] == [0.99, 1.15] and not memory["met"]
 
 
 def test_the_committed_runs_measure_every_floor(capsys):

@@ -227,11 +227,6 @@ def _layout(tensor: Tensor) -> _Layout:
     return _Layout(*tensor.stride())
 
 
-def _dense_like(tensor: Tensor) -> Tensor:
-    """An empty tensor with ``tensor``'s layout where that layout is dense, else contiguous."""
-    return torch.empty_like(tensor)  # keeps the strides of a dense, non-overlapping tensor
-
-
 def _writable_layout(q: Tensor) -> bool:
     """Whether ``q`` (b, h, n, d) may take the output in place: one of the layouts the layer makes."""
     return q.is_contiguous() or q.transpose(2, 3).is_contiguous() or q.transpose(1, 2).is_contiguous()
@@ -247,7 +242,7 @@ class _FusedBiasedAttention(torch.autograd.Function):
         elif rows.tokens_major_output:  # (b, n, h, d) storage: out as (b, n, h d) is a view
             out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
         else:
-            out = _dense_like(q)
+            out = torch.empty_like(q)  # q's strides where q is dense, else contiguous
         lse = q.new_empty(q.shape[:3])
         problem = rows.problem(q, k, v, null_k, null_v, coordinates, slopes, intercepts)
         problem.out, problem.lse, problem.out_layout = out.data_ptr(), lse.data_ptr(), _layout(out)
@@ -265,7 +260,7 @@ class _FusedBiasedAttention(torch.autograd.Function):
             )
         q, k, v, coordinates, slopes, intercepts, null_k, null_v, lse = ctx.saved_tensors
         rows: _Rows = ctx.rows
-        grads = {name: _dense_like(t) for name, t in (("q", q), ("k", k), ("v", v))}
+        grads = {name: torch.empty_like(t) for name, t in (("q", q), ("k", k), ("v", v))}
         if null_k is not None:
             grads["null_k"], grads["null_v"] = torch.empty_like(null_k), torch.empty_like(null_v)
         has_bias = slopes is not None
