@@ -11,8 +11,9 @@ everything else in the README is prose. The blocks:
   speed ratios against full attention;
 - ``floors``: the speed and memory targets of the default layer against the committed runs of
   the fused kernel (``deform_attn/data/bench/fused-cpu-2core``, :mod:`deform_attn.bench.floors`);
-- ``ablations``: the paired differences of the published ``cpu`` ablation records
-  (``deform_attn/experiments/data/cpu``).
+- ``ablations``: the paired differences of the main comparison's published records
+  (``deform_attn/experiments/data/main``), computed by :mod:`deform_attn.experiments.report` as the
+  Ablations chapter computes them.
 
 ``tests/test_readme.py`` runs the check.
 """
@@ -93,36 +94,51 @@ def performance_block(folder: Path = BENCH) -> str:
 
 
 def ablations_block() -> str:
-    from deform_attn.experiments.results import load_published, paired_differences
+    """The main comparison's paired differences, computed as the Ablations chapter computes them."""
+    from deform_attn.experiments import grid, report
+    from deform_attn.experiments.recipes import load_recipes
+    from deform_attn.experiments.results import load_published
 
-    records, _ = load_published("cpu")
-    tasks = sorted({record["task"] for record in records})
-    contrasts = (("deformable", "downsampled"), ("deformable", "full"), ("bug018", "deformable"))
-    table: dict[tuple[str, str, str], dict] = {}
-    for variant, reference in contrasts:
-        for row in paired_differences(records, reference=reference):
-            if row["variant"] == variant:
-                table[(row["task"], variant, reference)] = row
+    published, _ = load_published("main")
+    view = report.preset_view(published, "main")
+    missing: dict[str, int] = {}
+    for key in report.missing_runs(published, "main"):
+        missing[key.split("/")[0]] = missing.get(key.split("/")[0], 0) + 1
+    order = list(grid.PRESETS["main"]["tasks"])
+    complete = [task for task in order if task not in missing and any(r.task == task for r in view)]
+    learned = {row["task"]: row["learned"] for row in report.learned_tasks(load_recipes())}
+    rows = report.contrast_table([r for r in view if r.task in complete], report.MAIN_CONTRASTS,
+                                 family=[task for task in complete if learned.get(task)])
+    contrasts = report.MAIN_CONTRASTS
     lines = [
         "| task (metric) | " + " | ".join(f"{v} − {r}" for v, r in contrasts) + " |",
         "| --- |" + " --- |" * len(contrasts),
     ]
-    for task in tasks:
-        metric = next(record["primary_metric"] for record in records if record["task"] == task)
-        accuracy = "accuracy" in metric
+    for task in complete:
+        first = next(r for r in view if r.task == task)
+        accuracy = first.primary_metric == "test_accuracy"
+        scale, fmt = (100, ".1f") if accuracy else (1, ".4f")
         cells = []
         for variant, reference in contrasts:
-            row = table.get((task, variant, reference))
+            row = next((r for r in rows if (r["task"], r["variant"], r["reference"]) == (task, variant, reference)), None)
             if row is None:
                 cells.append("—")
                 continue
-            scale = 100 if accuracy else 1  # accuracy in points
-            mean, half = row["mean"] * scale, row["ci95"] * scale
-            fmt = ".1f" if accuracy else ".4f"
-            cells.append(f"{mean:+{fmt}} [{mean - half:+{fmt}}, {mean + half:+{fmt}}] (n = {row['n']})")
-        unit = "accuracy points" if accuracy else metric.replace("_", " ")
-        lines.append(f"| {task} ({unit}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            mean, low, high = (scale * row[k] for k in ("mean", "low", "high"))
+            cells.append(f"{mean:+{fmt}} [{low:+{fmt}}, {high:+{fmt}}], {row['verdict']} (n = {row['n']})")
+        unit = "accuracy points" if accuracy else first.primary_metric.replace("_", " ")
+        status = "" if learned.get(task) else ", not learned"
+        lines.append(f"| {task} ({unit}{status}) | " + " | ".join(cells) + " |")
+    model = view[0].config["model"] if view else {}
+    total = len(view) + sum(missing.values())
+    prose = (
+        f"{len(view)} of {total} runs published. Model: dim {model.get('dim')}, {model.get('depth')} blocks, "
+        f"{model.get('heads')} heads × {model.get('dim_head')}. Verdicts after Holm's correction over the "
+        f"{sum(row['in_family'] for row in rows)} contrasts of the learned, complete tasks. "
+        + ("Still to come: " + ", ".join(f"{task} ({count} runs)" for task, count in missing.items()) + "."
+           if missing else "Every run is published.")
+    )
+    return "\n".join(lines) + "\n\n" + textwrap.fill(prose, width=100) + "\n"
 
 
 FUSED_BENCH = REPO_ROOT / "deform_attn" / "data" / "bench" / "fused-cpu-2core"

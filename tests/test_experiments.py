@@ -405,7 +405,7 @@ def test_presets_list_only_registered_variants_and_the_main_comparison_is_unchan
     assert grid.MAIN_VARIANTS == ("deformable", "downsampled", "full", "bug018")
     assert set(grid.MAIN_VARIANTS) <= set(variants.ATTENTION_VARIANTS)
     # the attention-free control joins only the new main comparison, never the published grids
-    assert [name for name, spec in grid.PRESETS.items() if "mlp_only" in spec["variants"]] == ["main"]
+    assert [name for name, spec in grid.PRESETS.items() if "mlp_only" in spec.get("variants", ())] == ["main"]
     monkeypatch.setitem(grid.PRESETS, "micro_typo", {**grid.PRESETS["micro"], "variants": ["deformabel"]})
     with pytest.raises(ValueError, match="deformabel"):
         grid.build_grid("micro_typo")
@@ -419,18 +419,37 @@ def test_model_config_rejects_unknown_attention():
 # ---------------------------------------------------------------------------- grid and shards
 
 
-def test_cpu_grid_has_the_main_comparison_on_every_task_and_three_seeds():
-    runs = grid.build_grid("cpu")
+def test_main_grid_has_six_seeds_per_variant_and_three_for_the_bug():
+    runs = grid.build_grid("main")
     assert len({r.key for r in runs}) == len(runs)
-    for task in grid.PRESETS["cpu"]["tasks"]:
-        for variant in grid.MAIN_VARIANTS:
-            assert sorted(r.seed for r in runs if r.task == task and r.variant == variant) == [0, 1, 2]
-    assert any(r.axis == "offset_scale" for r in runs) and any(r.axis == "geometry" for r in runs)
+    for task in grid.PRESETS["main"]["tasks"]:
+        for variant in grid.PRESETS["main"]["variants"]:
+            seeds = sorted(r.seed for r in runs if r.task == task and r.variant == variant)
+            assert seeds == ([0, 1, 2] if variant == "bug018" else [0, 1, 2, 3, 4, 5])
+
+
+def test_the_cpu_preset_is_the_union_of_its_parts_each_run_once():
+    parts = grid.PRESETS["cpu"]["parts"]
+    union = grid.build_grid("cpu")
+    keys = [r.key for r in union]
+    assert len(set(keys)) == len(keys)
+    owner = {}
+    for part in parts:
+        for run in grid.build_grid(part):
+            owner.setdefault(run.key, part)  # the first part that lists a run publishes it
+    assert {r.key: r.preset for r in union} == owner
+    # MNIST-1D's main deformable seeds 0-2 are also the lengths axis' and the sweeps' default point
+    shared = [r for r in union if r.key in {run.key for run in grid.build_grid("sweeps")} and r.preset == "main"]
+    assert {r.variant for r in shared} == {"deformable"} and sorted(r.seed for r in shared) == [0, 1, 2]
+    only = grid.build_grid("cpu", tasks=["mnist1d_x16"])
+    assert only and {(r.task, r.preset) for r in only} == {("mnist1d_x16", "lengths")}
+    with pytest.raises(ValueError, match="--tasks"):
+        grid.build_grid("cpu", tasks=["imagenet"])
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7])
 def test_shards_partition_the_grid_exactly(count):
-    runs = grid.build_grid("cpu")
+    runs = grid.build_grid("main")
     shards = [grid.shard(runs, i, count) for i in range(count)]
     keys = [r.key for s in shards for r in s]
     assert sorted(keys) == sorted(r.key for r in runs) and len(set(keys)) == len(keys)
@@ -652,7 +671,7 @@ def test_record_round_trips_through_json():
     assert again == record and again.metric() == 0.75 and again.learning_curve[0]["step"] == 10
 
 
-@pytest.mark.parametrize("preset", ["cpu", "smoke"])
+@pytest.mark.parametrize("preset", ["smoke"])
 def test_record_reads_the_committed_schema_1_results(preset):
     lines = (DATA / preset / "results.jsonl").read_text().splitlines()
     for line in lines:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .models import ModelConfig
@@ -87,6 +87,8 @@ class Run:
     train: TrainConfig
     seed: int
     candidate: str | None = None
+    # the preset the run is published under (a part's name in a union preset); not in the key
+    preset: str | None = field(default=None, compare=False)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -107,8 +109,9 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-# Presets. 'micro' exists for the tests (seconds); 'smoke' is the CI run; 'cpu' is the whole grid
-# sized for a 2-core CPU in 45 minutes (two 1-thread workers); 'gpu' is the longer setting.
+# Presets. 'micro*' exist for the tests (seconds); 'smoke' is the CI run; 'tune' chooses the recipes
+# that 'main', 'lengths', 'compute' and 'sweeps' train with; 'cpu' is their union, everything the
+# Ablations chapter shows; 'gpu' is the longer setting for one large GPU.
 PRESETS: dict[str, dict[str, Any]] = {
     "micro_tune": {
         "threads": 1,
@@ -155,22 +158,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "variants": list(MAIN_VARIANTS) + ["local"],
         "sweeps": {"mnist1d": list(AXES)},
         "sweep_values": {axis: values[:1] for axis, values in AXES.items()},
-    },
-    "cpu": {
-        "threads": 1,
-        "seeds": [0, 1, 2],
-        "model": {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8, "mlp_ratio": 2},
-        # every task trains for the budget it was registered with (tasks.py)
-        "tasks": {
-            "adding": {"params": {"length": 200, "num_train": 8000, "num_test": 500}},
-            "listops": {"params": {"min_length": 64, "max_length": 192, "num_train": 8000, "num_test": 500}},
-            "mnist1d": {"params": {}},
-            "mnist1d_long": {"params": {"upsample": 2, "frame": 160}},
-            "osuleaf": {"params": {}},
-        },
-        "variants": list(MAIN_VARIANTS),
-        # the axes are swept on MNIST-1D only: at 1000 steps the adding runs dominate the budget
-        "sweeps": {"mnist1d": list(AXES)},
     },
     # The recipe search: the base recipe of each task (a budget a 2-core CPU trains in minutes),
     # crossed with CANDIDATES, scored on validation data by the TUNED_VARIANTS. OSULeaf has 200
@@ -251,6 +238,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "compute_budgets": [0.25, 0.5, 1.0],
         "compute_reference": "full",
     },
+    # Everything the Ablations chapter shows: the union of its parts. Each run is published under
+    # the first part that lists it (a run two parts share, such as MNIST-1D's deformable seeds in
+    # 'main', 'lengths' and 'sweeps', trains once), and every part is read back as a view of the
+    # pooled records (deform_attn.experiments.report.preset_view). About 25 core-hours.
+    "cpu": {"threads": 1, "parts": ["main", "lengths", "compute", "sweeps"]},
     # The autoregressive comparison on the text task's frozen recipe (chosen by 'tune_causal').
     "causal": {
         "threads": 1,
@@ -343,6 +335,8 @@ def build_grid(
     if preset not in PRESETS:
         raise ValueError(f"--preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     spec = PRESETS[preset]
+    if "parts" in spec:
+        return _union(preset, spec["parts"], seeds=seeds, tasks=tasks, recipes=recipes)
     unknown_variants = [v for v in spec["variants"] if v not in ATTENTION_VARIANTS]
     unknown_tasks = [t for t in spec["tasks"] if t not in TASKS]
     if unknown_variants or unknown_tasks:
@@ -400,10 +394,37 @@ def build_grid(
                             if fold:
                                 label["fold"] = fold["validation_fold"]
                             run = Run(task, params, variant_name(attention, label), tuple(sorted(overrides.items())),
-                                      axis if budget is None else "compute", model, run_train, seed, candidate["name"])
+                                      axis if budget is None else "compute", model, run_train, seed, candidate["name"],
+                                      preset)
                             if run.key not in seen:
                                 seen.add(run.key)
                                 runs.append(run)
+    return runs
+
+
+def _union(
+    preset: str, parts: list[str], *, seeds: list[int] | None, tasks: list[str] | None, recipes: dict[str, Any] | None
+) -> list[Run]:
+    """The runs of every part in turn, each once, published under the first part that lists it.
+
+    ``tasks`` restricts every part to the tasks it has of them (and must name at least one task of
+    some part); ``seeds`` replaces every part's seeds.
+    """
+    if tasks is not None:
+        known = {task for part in parts for task in PRESETS[part]["tasks"]}
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            raise ValueError(f"--tasks: {unknown} not in preset {preset!r}; expected some of {sorted(known)}")
+    runs: list[Run] = []
+    seen: set[str] = set()
+    for part in parts:
+        chosen = None if tasks is None else [t for t in PRESETS[part]["tasks"] if t in tasks]
+        if chosen == []:
+            continue
+        for run in build_grid(part, seeds=seeds, tasks=chosen, recipes=recipes):
+            if run.key not in seen:
+                seen.add(run.key)
+                runs.append(run)
     return runs
 
 

@@ -5,7 +5,8 @@ Commands::
     run        train the grid of a preset (resumable, shardable), one JSON line per finished run
     list       print the runs of a preset (or of one shard) without training
     merge      merge result files (e.g. one per shard) into one, dropping duplicates
-    summarize  mean +- 95% CI per task and variant, paired differences, optional plots
+    summarize  mean +- 95% CI per task and variant, paired differences, optional plots; with
+               --preset, the tables the Ablations chapter shows (deform_attn.experiments.report)
     publish    copy merged results and a meta.json into the package's data/<preset>/ (records from a
                modified checkout are refused unless --allow-dirty)
 
@@ -118,7 +119,7 @@ def run_grid(
         record = Record(
             schema=SCHEMA_VERSION,
             key=run.key,
-            preset=preset,
+            preset=run.preset or preset,
             task=run.task,
             task_kind=data.kind,
             variant=run.variant,
@@ -206,6 +207,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     summarize = commands.add_parser("summarize", help="tables (and plots) of result files")
     summarize.add_argument("inputs", type=Path, nargs="+")
+    summarize.add_argument("--preset", default=None,
+                           help="print the tables the Ablations chapter shows for this preset (cpu: all of them)")
     summarize.add_argument("--reference", default="full", help="variant the paired differences are taken against")
     summarize.add_argument("--plots", type=Path, default=None, help="write one PNG per task and per sweep here")
 
@@ -295,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         from .results import format_table, paired_differences, plot_all, summarize
 
         records = read_records(args.inputs)
+        if args.preset is not None:
+            from .report import format_tables, preset_tables
+
+            print(format_tables(preset_tables(records, args.preset)))
+            return 0
         print(format_table(summarize(records)))
         print()
         print(format_table(paired_differences(records, reference=args.reference)))
