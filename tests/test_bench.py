@@ -128,6 +128,31 @@ def test_resume_skips_finished_rows_and_adds_new_ones(tiny_run, capsys):
     assert "parity b vs a at n = 64" in stdout and meta["parity"]["passed"]  # reused, same layer
 
 
+def test_interleaved_timing_replaces_the_times_of_the_cases_measured_together(tiny_run):
+    out, result = tiny_run
+    rows = {(r["case"], r["n"]): r for r in read_csv(out) if r["mode"] == "fwd"}
+    # at n = 128 case a is skipped, so b and d are timed side by side; at 64 all three
+    for key in (("b", "128"), ("d", "128"), ("a", "64"), ("b", "64"), ("d", "64")):
+        row = rows[key]
+        assert row["timing"] == "interleaved" and float(row["solo_median_s"]) > 0, key
+        assert 0 < float(row["min_s"]) <= float(row["median_s"]) <= float(row["max_s"])
+    assert rows["a", "128"]["timing"] == "" and rows["a", "128"]["status"] == "skipped"
+    assert result.stdout.count("interleaved n=") == 2
+    assert "calls them in turn" in json.loads((out / "meta.json").read_text())["protocol"]
+
+
+def test_interleaved_worker_times_every_case_in_one_process(tmp_path):
+    result_file = tmp_path / "result.json"
+    spec = {**SHAPE, "case": "interleaved", "cases": ["c", "d"], "n": 32, "mode": "fwd+bwd", "device": "cpu",
+            "dtype": "float32", "batch": 1, "repeats": 3, "warmup": 1, "threads": None,
+            "result_file": str(result_file)}
+    assert worker.run_spec(json.dumps(spec)) == 0
+    result = json.loads(result_file.read_text())
+    assert result["status"] == "ok" and set(result["cases"]) == {"c", "d"}
+    for times in result["cases"].values():
+        assert 0 < times["min_s"] <= times["median_s"] <= times["max_s"]
+
+
 def test_plot_only_redraws_from_the_csv(tiny_run, tmp_path):
     out, _ = tiny_run
     (tmp_path / "results.csv").write_text((out / "results.csv").read_text())
@@ -360,7 +385,8 @@ def test_committed_runs_still_read(folder):
         assert environment.get(key) is not None, key
     assert "None" not in plot.plot_title(meta)
     rows = bench.read_results(folder)
-    assert rows and set(rows[0]) == set(bench.CSV_COLUMNS)
+    # files written before interleaved timing lack its two columns
+    assert rows and set(bench.CSV_COLUMNS) - {"timing", "solo_median_s"} <= set(rows[0]) <= set(bench.CSV_COLUMNS)
     assert len(bench.format_table(rows).splitlines()) > 2
 
 

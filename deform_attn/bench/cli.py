@@ -34,6 +34,10 @@ _PROTOCOL = (
     "median/min/max over the timed repeats after the warm-up calls; peak memory above the baseline taken after "
     "building the layer and input (see deform_attn.bench.worker and deform_attn.bench.memory)"
 )
+_INTERLEAVED = (
+    "; times (median/min/max) from one more fresh process per (n, mode) that builds every case and calls them "
+    "in turn, the order rotated each round (timing = interleaved; solo_median_s is the case's own process)"
+)
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -67,11 +71,11 @@ def _positive(kind: type, name: str, minimum: float = 1) -> Callable[[str], Any]
 # line override a workload's values.
 WORKLOADS: dict[str, dict[str, Any]] = {
     "long": {"lengths": ",".join(map(str, DEFAULT_LENGTHS)), "dim": 512, "heads": 8, "dim_head": 64, "batch": 1,
-             "cases": "a,b,c,d", "dtype": "float32"},
+             "cases": "a,b,c,d", "dtype": "float32", "interleave": True},
     "timeseries": {"lengths": "96,192,336,720,1440", "dim": 128, "heads": 4, "dim_head": 32, "batch": 32,
-                   "cases": "c,d", "dtype": "float32"},
+                   "cases": "c,d", "dtype": "float32", "interleave": True},
     "gpu": {"lengths": "1024,4096,16384,65536", "dim": 512, "heads": 8, "dim_head": 64, "batch": 1,
-            "cases": "c,d,e", "dtype": "bfloat16"},
+            "cases": "c,d,e", "dtype": "bfloat16", "interleave": True},
 }
 
 
@@ -113,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="float32, or bfloat16 under autocast with fp32 weights (default: the workload's)")
     parser.add_argument("--repeats", type=_positive(int, "--repeats"), default=5, help="timed calls (default: %(default)s)")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the cases side by side, calls alternated in one more process per (n, mode); "
+                        "memory still from each case's own process (default: the workload's, on)")
     parser.add_argument("--warmup", type=_positive(int, "--warmup", 0), default=1, help="untimed calls first (default: %(default)s)")
     parser.add_argument("--threads", type=_positive(int, "--threads"), default=None,
                         help="torch threads in each worker (default: torch's default)")
@@ -208,6 +215,7 @@ def _measure_rows(out: Path, args: argparse.Namespace, settings: dict[str, Any],
     rows = read_results(out)
     done = {row_key(r) for r in rows}
     for n in args.lengths:
+        fresh: set[tuple[str, str]] = set()  # (case, mode) measured by this run at this length
         for case in args.cases:
             for mode in args.modes:
                 row: dict[str, Any] = {"case": case, "label": CASES[case], "n": n, "mode": mode, **settings,
@@ -228,7 +236,8 @@ def _measure_rows(out: Path, args: argparse.Namespace, settings: dict[str, Any],
                                f"memory limit {limit / 1e9:.1f} GB")
                 else:
                     started = time.perf_counter()
-                    row.update(run_worker({**row, **settings}, args.timeout))
+                    row.update(run_worker({**row, **settings}, args.timeout), timing="solo", solo_median_s="")
+                    fresh.add((case, mode))
                     row["threads"] = threads  # the key setting, whatever the worker reports
                     print(f"  {case} n={n:<6} {mode:<8} {row['status']:<8} "
                           + (f"median {1e3 * row['median_s']:.2f} ms, peak {row['peak_bytes'] / 2**20:.1f} MiB"
@@ -236,8 +245,38 @@ def _measure_rows(out: Path, args: argparse.Namespace, settings: dict[str, Any],
                           + f"  [{time.perf_counter() - started:.1f} s]", flush=True)
                 rows = [r for r in rows if row_key(r) != key] + [row]
                 write_results(out, rows)
+        if args.interleave:
+            rows = _interleave(out, rows, n, fresh, args, settings)
     if not (out / "results.csv").exists():
         write_results(out, rows)
+
+
+def _interleave(out: Path, rows: list[dict[str, Any]], n: int, fresh: set[tuple[str, str]],
+                args: argparse.Namespace, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Replace the times of length ``n``'s rows by side-by-side ones, one interleaved process per mode.
+
+    The cases of a mode that this run measured (``fresh``) and that ran ("ok") take part; rows of
+    an earlier run are left as they are, and a mode with fewer than two such cases keeps its times.
+    """
+    for mode in args.modes:
+        current = {str(r["case"]): r for r in rows if int(r["n"]) == n and r["mode"] == mode
+                   and row_key(r) == row_key({**r, **settings, "n": n, "mode": mode})}
+        cases = [c for c in args.cases if (c, mode) in fresh and c in current and current[c]["status"] == "ok"]
+        if len(cases) < 2:
+            continue
+        started = time.perf_counter()
+        result = run_worker({**settings, "case": "interleaved", "cases": cases, "n": n, "mode": mode}, args.timeout)
+        if result["status"] != "ok":
+            print(f"  interleaved n={n:<6} {mode:<8} {result['status']}: {result['reason']}", flush=True)
+            continue
+        for case in cases:
+            row = current[case]
+            row.update(result["cases"][case], timing="interleaved", solo_median_s=row["median_s"])
+        print(f"  interleaved n={n:<6} {mode:<8} "
+              + ", ".join(f"{c} {1e3 * float(current[c]['median_s']):.2f} ms" for c in cases)
+              + f"  [{time.perf_counter() - started:.1f} s]", flush=True)
+        write_results(out, rows)
+    return rows
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
@@ -261,7 +300,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
                      "timeout_s": args.timeout, "seed": SEED},
         "cases": {c: CASES[c] for c in args.cases},
         "memory_limit_bytes": limit,
-        "protocol": _PROTOCOL,
+        "protocol": _PROTOCOL + (_INTERLEAVED if args.interleave else ""),
     })
     _check_parity(meta, args, settings, limit)
     meta_path = write_meta(out, meta)

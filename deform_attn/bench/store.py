@@ -43,9 +43,11 @@ __all__ = [
 SETTING_COLUMNS: tuple[str, ...] = (
     "device", "dtype", "dim", "heads", "dim_head", "downsample", "batch", "repeats", "warmup", "threads",
 )
+# timing: "interleaved" when median/min/max come from the process that alternated every case's
+# calls (solo_median_s: the case's own process), "solo" or empty (older files) otherwise
 CSV_COLUMNS: tuple[str, ...] = (
     "case", "label", "n", "mode", "status", "reason", "median_s", "min_s", "max_s", "peak_bytes",
-    "estimated_bytes", "memory_method", *SETTING_COLUMNS,
+    "estimated_bytes", "memory_method", *SETTING_COLUMNS, "timing", "solo_median_s",
 )
 # old meta.json environment key -> the provenance module's key
 LEGACY_ENVIRONMENT_KEYS: dict[str, str] = {

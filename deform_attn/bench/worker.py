@@ -12,10 +12,15 @@ Protocol
     clock read. ``--dtype bfloat16`` keeps fp32 weights and runs the calls under
     ``torch.autocast`` (mixed precision). Peak memory is measured as :mod:`.memory` describes.
 
-A spec is a JSON object with ``case`` (a key of :data:`~.cases.CASES`, or ``"parity"`` for b
-against a), ``n``, ``mode``, ``device``, ``dtype``, ``dim``, ``heads``, ``dim_head``,
-``downsample``, ``batch``, ``repeats``, ``warmup``, ``threads`` (``None``: torch's default) and
-``result_file``, where the worker writes its result as JSON. Other keys are ignored.
+With ``--interleave`` the times come instead from one more fresh process per (n, mode) that
+builds every case and alternates their calls (:func:`measure_interleaved`), so that the ratios
+between cases are measured side by side; the memory still comes from each case's own process.
+
+A spec is a JSON object with ``case`` (a key of :data:`~.cases.CASES`, ``"parity"`` for b
+against a, or ``"interleaved"`` with ``cases``, a list of keys), ``n``, ``mode``, ``device``,
+``dtype``, ``dim``, ``heads``, ``dim_head``, ``downsample``, ``batch``, ``repeats``, ``warmup``,
+``threads`` (``None``: torch's default) and ``result_file``, where the worker writes its result as
+JSON. Other keys are ignored.
 
 Axis letters: b batch, d channels (of the layer), n tokens.
 """
@@ -38,7 +43,7 @@ from torch import Tensor
 from .cases import SEED, build_layer, parity
 from .memory import PeakMemory
 
-__all__ = ["measure", "run_spec", "run_worker"]
+__all__ = ["measure", "measure_interleaved", "run_spec", "run_worker"]
 
 
 def _synchronize(device: torch.device) -> None:
@@ -50,17 +55,10 @@ def _layer_shape(spec: dict[str, Any]) -> dict[str, int]:
     return {name: spec[name] for name in ("dim", "dim_head", "heads", "downsample")}
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one (case, n, mode) measurement in this process, as the protocol says.
-
-    Returns:
-        The row's measured fields: ``status`` ("ok"), ``reason``, ``median_s``, ``min_s``,
-        ``max_s``, ``peak_bytes``, ``memory_method`` and ``threads``.
-    """
+def _prepare(spec: dict[str, Any], case: str):
+    """Build ``case``'s layer and the input, and return a function that makes one call."""
     device = torch.device(spec["device"])
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    layer = build_layer(spec["case"], **_layer_shape(spec)).to(device)
+    layer = build_layer(case, **_layer_shape(spec)).to(device)
     generator = torch.Generator().manual_seed(SEED + 1)
     # shape: x and g are (b, d, n)
     x = torch.randn(spec["batch"], spec["dim"], spec["n"], generator=generator).to(device)
@@ -89,26 +87,68 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     layer.zero_grad(set_to_none=True)
     del tiny
 
-    memory = PeakMemory(device)
-    memory.start()
-    times = []
-    for step in range(spec["warmup"] + spec["repeats"]):
+    def timed() -> float:
         _synchronize(device)
         start = time.perf_counter()
         call(x, output_grad)
         _synchronize(device)
-        if step >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    return timed
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one (case, n, mode) measurement in this process, as the protocol says.
+
+    Returns:
+        The row's measured fields: ``status`` ("ok"), ``reason``, ``median_s``, ``min_s``,
+        ``max_s``, ``peak_bytes``, ``memory_method`` and ``threads``.
+    """
+    device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    timed = _prepare(spec, spec["case"])
+    memory = PeakMemory(device)
+    memory.start()
+    times = [timed() for _ in range(spec["warmup"] + spec["repeats"])][spec["warmup"]:]
     return {
         "status": "ok",
         "reason": "",
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
+        **_summary(times),
         "peak_bytes": memory.peak(),
         "memory_method": memory.method,
         "threads": torch.get_num_threads(),
     }
+
+
+def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time several cases at one (n, mode) side by side in this process, calls interleaved.
+
+    Every case of ``spec["cases"]`` is built and warmed up; then each of ``repeats`` rounds calls
+    every case once, in an order rotated from round to round, so that a slow stretch of the
+    machine (another process, a frequency change) lands on all cases alike rather than on
+    whichever ran then. No memory is measured here: the layers share the process.
+
+    Returns:
+        ``{"status": "ok", "reason": "", "cases": {case: {"median_s", "min_s", "max_s"}}}``.
+    """
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    cases = list(spec["cases"])
+    timed = {case: _prepare(spec, case) for case in cases}
+    for _ in range(spec["warmup"]):
+        for case in cases:
+            timed[case]()
+    times: dict[str, list[float]] = {case: [] for case in cases}
+    for round_index in range(spec["repeats"]):
+        shift = round_index % len(cases)
+        for case in cases[shift:] + cases[:shift]:
+            times[case].append(timed[case]())
+    return {"status": "ok", "reason": "", "cases": {case: _summary(values) for case, values in times.items()}}
 
 
 def run_spec(spec_json: str) -> int:
@@ -121,6 +161,8 @@ def run_spec(spec_json: str) -> int:
     try:
         if spec["case"] == "parity":
             result = parity(**_layer_shape(spec), batch=spec["batch"], length=spec["n"], device=spec["device"])
+        elif spec["case"] == "interleaved":
+            result = measure_interleaved(spec)
         else:
             result = measure(spec)
     except torch.cuda.OutOfMemoryError as error:
