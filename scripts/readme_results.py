@@ -144,16 +144,27 @@ def ablations_block() -> str:
 FUSED_BENCH = REPO_ROOT / "deform_attn" / "data" / "bench" / "fused-cpu-2core"
 
 
-def floors_block(folder: Path = FUSED_BENCH) -> str:
-    from deform_attn.bench.floors import check_floors
+def floors_block(root: Path = FUSED_BENCH.parent) -> str:
+    """Every target against each machine's committed rounds, one column per machine."""
+    from deform_attn.bench.floors import check_floors, machine, result_folders
 
-    lines = ["| target | measured | met |", "| --- | --- | --- |"]
-    for item in check_floors(folder):
-        values = ", ".join(f"{value:.2f}" for value in item["values"]) or "not measured"
-        lines.append(f"| {item['floor'].label} | {values} | {'yes' if item['met'] else '**no**'} |")
-    met = sum(item["met"] for item in check_floors(folder))
+    folders = result_folders(root)
+    checked = [check_floors(folder) for folder in folders]
+    lines = [
+        "| target | " + " | ".join(f"{machine(folder)} (`{folder.name}`)" for folder in folders) + " |",
+        "| --- |" + " --- |" * len(folders),
+    ]
+    for items in zip(*checked):
+        cells = []
+        for item in items:
+            values = ", ".join(f"{value:.2f}" for value in item["values"]) or "not measured"
+            cells.append(f"{values}: {'met' if item['met'] else '**not met**'}")
+        lines.append(f"| {items[0]['floor'].label} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"{met} of {len(lines) - 3} targets met.")
+    for folder, items in zip(folders, checked):
+        met = sum(item["met"] for item in items)
+        lines.append(f"{machine(folder)}: {met} of {len(items)} targets met in every round.  ")
+    lines[-1] = lines[-1].rstrip()
     return "\n".join(lines) + "\n"
 
 

@@ -56,10 +56,20 @@ def test_memory_and_steps(tmp_path):
     assert step["values"] == [1.3, 1.0] and not step["met"]
 
 
-def test_the_committed_runs_measure_every_floor(capsys):
-    checked = floors.check_floors(COMMITTED)
+@pytest.mark.parametrize("folder", floors.result_folders(COMMITTED.parent), ids=lambda path: path.name)
+def test_the_committed_runs_measure_every_floor(folder, capsys):
+    checked = floors.check_floors(folder)
     assert len(checked) == len(floors.FLOORS)
     assert all(item["values"] for item in checked), [item["floor"].label for item in checked if not item["values"]]
     assert len(checked[0]["values"]) == 3  # three timeseries rounds
-    assert floors.main([str(COMMITTED)]) == 0
+    assert floors.main([str(folder)]) == 0
     assert "floors met" in capsys.readouterr().out
+
+
+def test_each_machine_has_its_folder_named_by_its_cpu(tmp_path):
+    folders = floors.result_folders(COMMITTED.parent)
+    assert COMMITTED in folders and len(folders) >= 2
+    machines = [floors.machine(folder) for folder in folders]
+    assert len(set(machines)) == len(machines) and all(", 2 cores" in name for name in machines)
+    with pytest.raises(ValueError, match="no meta.json"):
+        floors.machine(tmp_path)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["Floor", "FLOORS", "check_floors", "main"]
+__all__ = ["Floor", "FLOORS", "check_floors", "machine", "result_folders", "main"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,22 @@ def check_floors(folder: str | Path) -> list[dict]:
         met = bool(values) and all(v >= floor.bound if floor.at_least else v <= floor.bound for v in values)
         checked.append({"floor": floor, "values": values, "met": met})
     return checked
+
+
+def machine(folder: str | Path) -> str:
+    """The CPU a folder's runs were measured on, from the environment in its ``meta.json`` files."""
+    import json
+
+    for meta in sorted(Path(folder).glob("*/meta.json")):
+        environment = json.loads(meta.read_text()).get("environment", {})
+        if environment.get("cpu_model"):
+            return f"{environment['cpu_model']}, {environment.get('cpu_count')} cores"
+    raise ValueError(f"folder: no meta.json with an environment under {folder}")
+
+
+def result_folders(root: str | Path) -> list[Path]:
+    """The folders of fused-kernel runs under ``root`` (``fused-cpu-*``), one per machine."""
+    return sorted(path for path in Path(root).glob("fused-cpu-*") if path.is_dir())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
