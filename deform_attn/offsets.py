@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels.fused import depthwise_available, depthwise_backward, depthwise_forward
+
 __all__ = [
     "OffsetNetwork", "ZeroOffsets", "default_offset_kernel_size", "check_offset_kernel_size", "strided_depthwise_conv",
 ]
@@ -113,14 +115,23 @@ class _StridedDepthwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride: int, left: int, right: int):
+        cells, taps = _taps(x.shape[-1], weight.shape[1], stride, left, right)
+        ctx.compiled = _compiled_depthwise(x, weight, bias)
+        if ctx.compiled:
+            x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
         ctx.save_for_backward(x, weight)
-        ctx.geometry = (stride, _taps(x.shape[-1], weight.shape[1], stride, left, right)[1])
+        ctx.geometry = (stride, taps, left)
+        if ctx.compiled:
+            return depthwise_forward(x, weight, bias, stride, left, cells)
         return _depthwise_forward(x, weight, bias, stride, left, right)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        stride, taps = ctx.geometry
+        stride, taps, left = ctx.geometry
+        if ctx.compiled and not torch.is_grad_enabled():  # a second derivative needs the graph below
+            return (*depthwise_backward(x, weight, grad_out.contiguous(), stride, left, ctx.needs_input_grad[:3]),
+                    None, None, None)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.zeros_like(x)
@@ -145,6 +156,11 @@ class _StridedDepthwiseConv(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
+def _compiled_depthwise(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
+    """Whether the compiled loops of ``fused_cpu.cpp`` take this convolution (fp32/fp64 on the CPU)."""
+    return weight.dtype == bias.dtype == x.dtype and depthwise_available(x)
+
+
 def strided_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int, left: int, right: int) -> Tensor:
     """``conv1d(pad(x, (left, right)), weight[:, None], bias, stride, groups=channels)`` without the pad.
 
@@ -160,6 +176,9 @@ def strided_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int,
         return F.conv1d(F.pad(x, (left, right)), weight[:, None], bias, stride=stride, groups=weight.shape[0])
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
     if not needs_grad:
+        if _compiled_depthwise(x, weight, bias):
+            cells = _taps(x.shape[-1], weight.shape[1], stride, left, right)[0]
+            return depthwise_forward(x.contiguous(), weight.contiguous(), bias.contiguous(), stride, left, cells)
         return _depthwise_forward(x, weight, bias, stride, left, right)
     return _StridedDepthwiseConv.apply(x, weight, bias, stride, left, right)
 

@@ -161,3 +161,42 @@ def test_forward_passes_leave_the_parameters_unchanged():
     for name, p in layer.named_parameters():
         assert torch.equal(p, before[name]), name
     assert all(torch.equal(out, outputs[0]) for out in outputs[1:])
+
+
+@pytest.mark.skipif(not __import__("deform_attn.kernels", fromlist=["fused_available"]).fused_available(),
+                    reason="no C++ compiler: the convolution runs on tensor operations only")
+def test_compiled_depthwise_conv_matches_the_tensor_path_and_any_thread_count(monkeypatch):
+    """The C++ loops (fused_cpu.cpp) and the tap-by-tap tensor path give the same values and
+    gradients in fp32, for a non-contiguous input too; the weight's gradient is the same bits on
+    one thread and on two (a fixed summation order)."""
+    import deform_attn.offsets as offsets_module
+    from deform_attn.offsets import strided_depthwise_conv
+
+    generator = torch.Generator().manual_seed(3)
+    # (b, n, c) storage seen as (b, c, n): the layer's batch-first input before .contiguous()
+    x = torch.randn(4, 43, 8, generator=generator).transpose(1, 2)
+    weight = torch.randn(8, 6, generator=generator)
+    bias = torch.randn(8, generator=generator)
+    grad_out = torch.randn(4, 8, 10, generator=generator)  # (1 + 43 + 1 - 6) // 4 + 1 cells
+    calls = []
+    compiled = offsets_module.depthwise_forward
+    monkeypatch.setattr(offsets_module, "depthwise_forward", lambda *args: calls.append(1) or compiled(*args))
+
+    def run(use_compiled: bool, threads: int):
+        monkeypatch.setattr(offsets_module, "_compiled_depthwise", lambda *args: use_compiled)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            inputs = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+            out = strided_depthwise_conv(*inputs, 4, 1, 1)
+            return [out.detach(), *torch.autograd.grad(out, inputs, grad_out)]
+        finally:
+            torch.set_num_threads(previous)
+
+    tensors = run(False, 2)
+    assert not calls
+    for value, expected in zip(run(True, 2), tensors):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+    assert calls
+    one, two = run(True, 1), run(True, 2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))

@@ -45,10 +45,13 @@ from ..position_bias import PiecewiseLinearTable, inverse_transform_distance
 from .piecewise import check_kernel_arguments
 from .sdpa import check_causal_arguments
 
-__all__ = ["fused_biased_attention", "fused_available", "fused_unavailable_reason", "SOURCE"]
+__all__ = [
+    "fused_biased_attention", "fused_available", "fused_unavailable_reason", "SOURCE", "depthwise_available",
+    "depthwise_forward", "depthwise_backward",
+]
 
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
-_ABI = 4
+_ABI = 5
 _BLOCK = 32  # kBlock of fused_cpu.cpp
 # -fopenmp first: the library then runs on PyTorch's own OpenMP threads (see fused_cpu.cpp)
 _FLAG_SETS = (
@@ -85,6 +88,18 @@ class _Problem(ctypes.Structure):
             "intercepts", "key_padding", "visible_from", "out", "lse", "grad_out", "grad_q", "grad_k", "grad_v",
             "grad_null_k", "grad_null_v", "grad_key_coordinates", "grad_slopes", "grad_intercepts",
         )
+    ]
+
+
+class _DepthwiseProblem(ctypes.Structure):
+    """The C struct ``DepthwiseProblem`` of ``fused_cpu.cpp``, field for field."""
+
+    _fields_ = [
+        (name, ctypes.c_int64)
+        for name in ("rows", "channels", "length", "cells", "kernel", "stride", "left", "threads")
+    ] + [
+        (name, ctypes.c_void_p)
+        for name in ("x", "weight", "bias", "out", "grad_out", "grad_x", "grad_weight", "grad_bias")
     ]
 
 
@@ -150,6 +165,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         for name in ("forward", "backward"):
             for suffix in ("f32", "f64"):
                 getattr(library, f"deform_attn_fused_{name}_{suffix}").argtypes = [ctypes.POINTER(_Problem)]
+                getattr(library, f"deform_attn_depthwise_{name}_{suffix}").argtypes = [ctypes.POINTER(_DepthwiseProblem)]
         return library, ""
     return None, "compiling fused_cpu.cpp failed: " + " | ".join(errors)
 
@@ -374,3 +390,55 @@ def fused_biased_attention(
         rows.overwrite_q = True
     rows.tokens_major_output = bool(tokens_major_output)
     return _FusedBiasedAttention.apply(q, k, v, coordinates, slopes, intercepts, null_k, null_v, rows)
+
+
+# ---------------------------------------------------------------------------- the offset network's convolution
+
+
+def depthwise_available(x: Tensor) -> bool:
+    """Whether :func:`depthwise_forward` takes ``x``: the library is loaded, x is on the CPU, fp32 or fp64."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and fused_available()
+
+
+def _depthwise_problem(x: Tensor, weight: Tensor, stride: int, left: int, cells: int) -> _DepthwiseProblem:
+    batch, channels, length = x.shape
+    return _DepthwiseProblem(
+        rows=batch * channels, channels=channels, length=length, cells=cells, kernel=weight.shape[1],
+        stride=stride, left=left, threads=torch.get_num_threads(), x=x.data_ptr(), weight=weight.data_ptr(),
+    )
+
+
+def depthwise_forward(x: Tensor, weight: Tensor, bias: Tensor, stride: int, left: int, cells: int) -> Tensor:
+    """The strided depthwise convolution of :func:`deform_attn.offsets.strided_depthwise_conv` in C++.
+
+    Args:
+        x: (batch, channels, n), contiguous, on the CPU, fp32 or fp64 (:func:`depthwise_available`).
+        weight: (channels, kernel_size); bias: (channels,); both of x's dtype and contiguous.
+        stride: tokens per cell; left: zero padding on the left, in tokens; cells: output length.
+
+    Returns:
+        (batch, channels, cells).
+    """
+    out = x.new_empty(x.shape[0], x.shape[1], cells)
+    problem = _depthwise_problem(x, weight, stride, left, cells)
+    problem.bias, problem.out = bias.data_ptr(), out.data_ptr()
+    getattr(_load()[0], f"deform_attn_depthwise_forward_{_suffix(x.dtype)}")(ctypes.byref(problem))
+    return out
+
+
+def depthwise_backward(
+    x: Tensor, weight: Tensor, grad_out: Tensor, stride: int, left: int, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`depthwise_forward` for x, weight and bias (``None`` where not in ``needs``).
+
+    The weight's and bias's gradients are summed in a fixed order, so they are the same on any
+    number of threads.
+    """
+    grad_x = torch.empty_like(x) if needs[0] else None
+    grad_weight = torch.empty_like(weight) if needs[1] else None
+    grad_bias = weight.new_empty(weight.shape[0]) if needs[2] else None
+    problem = _depthwise_problem(x, weight, stride, left, grad_out.shape[-1])
+    problem.grad_out = grad_out.data_ptr()
+    problem.grad_x, problem.grad_weight, problem.grad_bias = (_pointer(t) for t in (grad_x, grad_weight, grad_bias))
+    getattr(_load()[0], f"deform_attn_depthwise_backward_{_suffix(x.dtype)}")(ctypes.byref(problem))
+    return grad_x, grad_weight, grad_bias

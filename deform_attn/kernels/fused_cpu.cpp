@@ -713,12 +713,104 @@ template <typename T> void backward(const Problem& p) {
     });
 }
 
+// The offset network's strided depthwise convolution (deform_attn.offsets): for each row r, a
+// (sequence, channel) pair with channel c = r % channels,
+//     out[r][j] = bias[c] + sum_t weight[c][t] x[r][j * stride + t - left]
+// over the taps t whose token lies in [0, n) (the rest is zero padding). A row is a few dozen to
+// a few thousand tokens and a few taps, far too little work for one tensor operation per tap:
+// here the rows are dealt out in contiguous chunks and the loops are plain.
+struct DepthwiseProblem {
+    int64_t rows, channels, length, cells, kernel, stride, left, threads;
+    const void *x, *weight, *bias;           // (rows, n), (channels, kernel), (channels,)
+    void* out;                               // (rows, m)
+    const void* grad_out;                    // (rows, m)
+    void *grad_x, *grad_weight, *grad_bias;  // (rows, n), (channels, kernel), (channels,); any may be null
+};
+
+// chunks of rows: a few per thread, so that an uneven chunk does not hold the others up
+inline int64_t depthwise_chunks(const DepthwiseProblem& p) {
+    return std::max<int64_t>(1, std::min<int64_t>(p.rows, 4 * std::max<int64_t>(1, p.threads)));
+}
+
+template <typename T> void depthwise_forward(const DepthwiseProblem& p) {
+    const T* x = static_cast<const T*>(p.x);
+    const T* weight = static_cast<const T*>(p.weight);
+    const T* bias = static_cast<const T*>(p.bias);
+    T* out = static_cast<T*>(p.out);
+    const int64_t chunks = depthwise_chunks(p);
+    parallel_for(chunks, p.threads, [&](int64_t chunk, int64_t) {
+        for (int64_t row = chunk * p.rows / chunks; row < (chunk + 1) * p.rows / chunks; ++row) {
+            const T* x_row = x + row * p.length;
+            const T* w = weight + (row % p.channels) * p.kernel;
+            T* out_row = out + row * p.cells;
+            for (int64_t j = 0; j < p.cells; ++j) {
+                const int64_t first = j * p.stride - p.left;
+                const int64_t lo = std::max<int64_t>(0, -first), hi = std::min(p.kernel, p.length - first);
+                T total = bias[row % p.channels];
+                for (int64_t t = lo; t < hi; ++t) total += w[t] * x_row[first + t];
+                out_row[j] = total;
+            }
+        }
+    });
+}
+
+// Gradients of depthwise_forward. The weight's and bias's are summed per chunk into their own
+// buffers, then over the chunks in order: the same result whatever thread ran which chunk.
+template <typename T> void depthwise_backward(const DepthwiseProblem& p) {
+    const T* x = static_cast<const T*>(p.x);
+    const T* weight = static_cast<const T*>(p.weight);
+    const T* grad_out = static_cast<const T*>(p.grad_out);
+    T* grad_x = static_cast<T*>(p.grad_x);
+    const int64_t chunks = depthwise_chunks(p), taps = p.channels * p.kernel;
+    std::vector<T> grad_weight(p.grad_weight ? chunks * taps : 0), grad_bias(p.grad_bias ? chunks * p.channels : 0);
+    parallel_for(chunks, p.threads, [&](int64_t chunk, int64_t) {
+        for (int64_t row = chunk * p.rows / chunks; row < (chunk + 1) * p.rows / chunks; ++row) {
+            const int64_t c = row % p.channels;
+            const T* x_row = x + row * p.length;
+            const T* w = weight + c * p.kernel;
+            const T* g = grad_out + row * p.cells;
+            T* gx = grad_x ? grad_x + row * p.length : nullptr;
+            T* gw = p.grad_weight ? grad_weight.data() + chunk * taps + c * p.kernel : nullptr;
+            if (gx) std::fill(gx, gx + p.length, T(0));
+            if (p.grad_bias) {
+                T total = 0;
+                for (int64_t j = 0; j < p.cells; ++j) total += g[j];
+                grad_bias[chunk * p.channels + c] += total;
+            }
+            for (int64_t j = 0; j < p.cells; ++j) {
+                const int64_t first = j * p.stride - p.left;
+                const int64_t lo = std::max<int64_t>(0, -first), hi = std::min(p.kernel, p.length - first);
+                for (int64_t t = lo; t < hi; ++t) {
+                    if (gx) gx[first + t] += g[j] * w[t];
+                    if (gw) gw[t] += g[j] * x_row[first + t];
+                }
+            }
+        }
+    });
+    if (p.grad_weight) {
+        T* target = static_cast<T*>(p.grad_weight);
+        std::fill(target, target + taps, T(0));
+        for (int64_t chunk = 0; chunk < chunks; ++chunk)
+            for (int64_t i = 0; i < taps; ++i) target[i] += grad_weight[chunk * taps + i];
+    }
+    if (p.grad_bias) {
+        T* target = static_cast<T*>(p.grad_bias);
+        std::fill(target, target + p.channels, T(0));
+        for (int64_t chunk = 0; chunk < chunks; ++chunk)
+            for (int64_t c = 0; c < p.channels; ++c) target[c] += grad_bias[chunk * p.channels + c];
+    }
+}
+
 }  // namespace
 
 extern "C" {
-int deform_attn_fused_abi() { return 4; }
+int deform_attn_fused_abi() { return 5; }
 void deform_attn_fused_forward_f32(const Problem* p) { forward<float>(*p); }
 void deform_attn_fused_forward_f64(const Problem* p) { forward<double>(*p); }
 void deform_attn_fused_backward_f32(const Problem* p) { backward<float>(*p); }
 void deform_attn_fused_backward_f64(const Problem* p) { backward<double>(*p); }
+void deform_attn_depthwise_forward_f32(const DepthwiseProblem* p) { depthwise_forward<float>(*p); }
+void deform_attn_depthwise_forward_f64(const DepthwiseProblem* p) { depthwise_forward<double>(*p); }
+void deform_attn_depthwise_backward_f32(const DepthwiseProblem* p) { depthwise_backward<float>(*p); }
+void deform_attn_depthwise_backward_f64(const DepthwiseProblem* p) { depthwise_backward<double>(*p); }
 }
