@@ -732,23 +732,39 @@ inline int64_t depthwise_chunks(const DepthwiseProblem& p) {
     return std::max<int64_t>(1, std::min<int64_t>(p.rows, 4 * std::max<int64_t>(1, p.threads)));
 }
 
+// Per tap t, the cells [first, stop) whose token j * stride + t - left lies in [0, n): the same
+// for every row, so computed once per call (2 * kernel values).
+inline std::vector<int64_t> tap_cells(const DepthwiseProblem& p) {
+    std::vector<int64_t> bounds(2 * p.kernel);
+    for (int64_t t = 0; t < p.kernel; ++t) {
+        const int64_t before = p.left - t;  // cell j reads token j * stride - before
+        const int64_t first = before > 0 ? (before + p.stride - 1) / p.stride : 0;
+        const int64_t stop = p.length - 1 + before < 0 ? 0 : std::min(p.cells, (p.length - 1 + before) / p.stride + 1);
+        bounds[2 * t] = first;
+        bounds[2 * t + 1] = std::max(stop, first);
+    }
+    return bounds;
+}
+
+// Tap by tap, and within a tap over the cells: the cells' sums are independent, so the loop
+// runs at the multiply-adds' throughput rather than waiting on one running sum per cell.
 template <typename T> void depthwise_forward(const DepthwiseProblem& p) {
     const T* x = static_cast<const T*>(p.x);
     const T* weight = static_cast<const T*>(p.weight);
     const T* bias = static_cast<const T*>(p.bias);
     T* out = static_cast<T*>(p.out);
     const int64_t chunks = depthwise_chunks(p);
+    const std::vector<int64_t> bounds = tap_cells(p);
     parallel_for(chunks, p.threads, [&](int64_t chunk, int64_t) {
         for (int64_t row = chunk * p.rows / chunks; row < (chunk + 1) * p.rows / chunks; ++row) {
             const T* x_row = x + row * p.length;
             const T* w = weight + (row % p.channels) * p.kernel;
             T* out_row = out + row * p.cells;
-            for (int64_t j = 0; j < p.cells; ++j) {
-                const int64_t first = j * p.stride - p.left;
-                const int64_t lo = std::max<int64_t>(0, -first), hi = std::min(p.kernel, p.length - first);
-                T total = bias[row % p.channels];
-                for (int64_t t = lo; t < hi; ++t) total += w[t] * x_row[first + t];
-                out_row[j] = total;
+            std::fill(out_row, out_row + p.cells, bias[row % p.channels]);
+            for (int64_t t = 0; t < p.kernel; ++t) {
+                const int64_t first = bounds[2 * t], stop = bounds[2 * t + 1];
+                const T* source = x_row + t - p.left;
+                for (int64_t j = first; j < stop; ++j) out_row[j] += w[t] * source[j * p.stride];
             }
         }
     });
@@ -763,26 +779,35 @@ template <typename T> void depthwise_backward(const DepthwiseProblem& p) {
     T* grad_x = static_cast<T*>(p.grad_x);
     const int64_t chunks = depthwise_chunks(p), taps = p.channels * p.kernel;
     std::vector<T> grad_weight(p.grad_weight ? chunks * taps : 0), grad_bias(p.grad_bias ? chunks * p.channels : 0);
+    const std::vector<int64_t> bounds = tap_cells(p);
     parallel_for(chunks, p.threads, [&](int64_t chunk, int64_t) {
         for (int64_t row = chunk * p.rows / chunks; row < (chunk + 1) * p.rows / chunks; ++row) {
             const int64_t c = row % p.channels;
             const T* x_row = x + row * p.length;
             const T* w = weight + c * p.kernel;
             const T* g = grad_out + row * p.cells;
-            T* gx = grad_x ? grad_x + row * p.length : nullptr;
-            T* gw = p.grad_weight ? grad_weight.data() + chunk * taps + c * p.kernel : nullptr;
-            if (gx) std::fill(gx, gx + p.length, T(0));
             if (p.grad_bias) {
                 T total = 0;
                 for (int64_t j = 0; j < p.cells; ++j) total += g[j];
                 grad_bias[chunk * p.channels + c] += total;
             }
-            for (int64_t j = 0; j < p.cells; ++j) {
-                const int64_t first = j * p.stride - p.left;
-                const int64_t lo = std::max<int64_t>(0, -first), hi = std::min(p.kernel, p.length - first);
-                for (int64_t t = lo; t < hi; ++t) {
-                    if (gx) gx[first + t] += g[j] * w[t];
-                    if (gw) gw[t] += g[j] * x_row[first + t];
+            T* gx = grad_x ? grad_x + row * p.length : nullptr;
+            if (gx) std::fill(gx, gx + p.length, T(0));
+            for (int64_t t = 0; t < p.kernel; ++t) {
+                const int64_t first = bounds[2 * t], stop = bounds[2 * t + 1];
+                const int64_t offset = t - p.left;
+                if (gx) {
+                    T* target = gx + offset;
+                    for (int64_t j = first; j < stop; ++j) target[j * p.stride] += g[j] * w[t];
+                }
+                if (p.grad_weight) {  // four running sums, so the adds do not wait on each other
+                    const T* source = x_row + offset;
+                    T sums[4] = {0, 0, 0, 0};
+                    int64_t j = first;
+                    for (; j + 4 <= stop; j += 4)
+                        for (int lane = 0; lane < 4; ++lane) sums[lane] += g[j + lane] * source[(j + lane) * p.stride];
+                    for (; j < stop; ++j) sums[0] += g[j] * source[j * p.stride];
+                    grad_weight[chunk * taps + c * p.kernel + t] += (sums[0] + sums[1]) + (sums[2] + sums[3]);
                 }
             }
         }
