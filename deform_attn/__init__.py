@@ -45,7 +45,7 @@ from .position_bias import (
     signed_log_distance_derivative,
     signed_log_distance_inverse,
 )
-from .sampling import linear_sample_1d, linear_sample_1d_reference
+from .sampling import linear_sample_1d, linear_sample_1d_reference, linear_sample_1d_tensors
 
 __version__ = "0.1.0"
 
@@ -71,6 +71,7 @@ __all__ = [
     "default_offset_kernel_size",
     "linear_sample_1d",
     "linear_sample_1d_reference",
+    "linear_sample_1d_tensors",
     "piecewise_linear_table",
     "piecewise_linear_bias",
     "signed_log_distance",

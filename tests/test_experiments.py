@@ -1004,3 +1004,45 @@ def test_compute_matched_runs_spend_equal_flops(monkeypatch):
         assert abs(flops - target) / target < 0.05, (attention, budget)
     deformable = {r.train.steps for r in runs if r.model.attention == "deformable"}
     assert max(deformable) > 40  # cheaper per step than full attention at n = 96: more steps
+
+
+def test_clip_gradients_is_torchs_clip_grad_norm():
+    """The runner's clip: the same norm and the same scaled gradients as clip_grad_norm_, and no
+    change where the norm is below the bound."""
+    from deform_attn.experiments.train import clip_gradients
+
+    generator = torch.Generator().manual_seed(0)
+    for max_norm in (0.5, 1e6):
+        ours = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((3, 4), (5,), (2, 2, 2))]
+        theirs = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((3, 4), (5,), (2, 2, 2))]
+        for mine, reference in zip(ours, theirs):
+            mine.grad = torch.randn(mine.shape, generator=generator)
+            reference.grad = mine.grad.clone()
+        norm = clip_gradients(ours, max_norm)
+        expected_norm = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        torch.testing.assert_close(norm, expected_norm)
+        for mine, reference in zip(ours, theirs):
+            torch.testing.assert_close(mine.grad, reference.grad)
+        if max_norm > 1:
+            assert all(torch.equal(mine.grad, reference.grad) for mine, reference in zip(ours, theirs))
+
+
+def test_make_optimizer_is_adamw_with_the_recipes_settings():
+    """The fused update takes the same steps as AdamW's loop, with the recipe's lr and weight decay."""
+    from deform_attn.experiments.train import make_optimizer
+
+    config = TrainConfig(lr=3e-3, weight_decay=0.05)
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    theirs.load_state_dict(ours.state_dict())
+    optimizer = make_optimizer(ours, config)
+    reference = torch.optim.AdamW(theirs.parameters(), lr=3e-3, weight_decay=0.05, foreach=False)
+    assert optimizer.defaults["lr"] == 3e-3 and optimizer.defaults["weight_decay"] == 0.05
+    for step in range(4):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((ours, optimizer), (theirs, reference)):
+            opt.zero_grad(set_to_none=True)
+            model(x).square().sum().backward()
+            opt.step()
+    for mine, expected in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(mine, expected, rtol=1e-6, atol=1e-7)

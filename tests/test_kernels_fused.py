@@ -102,9 +102,11 @@ def run_both(dtype, **options):
         {"groups": 4, "outputs": 1, "channels": 32, "length": 333, "cells": 83},
         {"groups": 1, "outputs": 3, "length": 7, "cells": 1},
         {"length": 64, "cells": 16, "channels": 5},
+        # a row's keys take 1.2 MB in fp32: the scratch buffers mapped from the system
+        {"batch": 1, "groups": 1, "outputs": 1, "length": 40, "cells": 4700, "channels": 64},
     ],
     ids=["plain", "padding", "causal", "causal-padding", "no-bias", "linear-distance", "one-head-per-group",
-         "one-key", "one-block-odd-channels"],
+         "one-key", "one-block-odd-channels", "mapped-scratch"],
 )
 def test_fused_kernel_equals_sdpa(dtype, options):
     actual, expected, actual_grads, expected_grads = run_both(dtype, **options)

@@ -13,13 +13,16 @@ import torch
 import torch.nn.functional as F
 from conftest import max_relative_error
 
-from deform_attn import linear_sample_1d, linear_sample_1d_reference
+from deform_attn import linear_sample_1d, linear_sample_1d_reference, linear_sample_1d_tensors
+from deform_attn.kernels import fused_available
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SAMPLERS = pytest.mark.parametrize(
-    "sample", [linear_sample_1d, linear_sample_1d_reference], ids=["gather", "grid_sample"]
+    "sample", [linear_sample_1d, linear_sample_1d_tensors, linear_sample_1d_reference],
+    ids=["default", "gather", "grid_sample"],
 )
+needs_compiled = pytest.mark.skipif(not fused_available(), reason="no C++ compiler: no compiled sampler")
 
 
 def _sample_like_0_0_18(values, positions):
@@ -140,3 +143,65 @@ def test_positions_are_promoted_not_truncated():
     values = position_sequence(1, 1, 5)
     positions = torch.tensor([[1.25, 3.5]], dtype=torch.float32)
     torch.testing.assert_close(linear_sample_1d(values, positions)[0, 0], positions[0].double())
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype, tolerances", [(torch.float32, (1e-5, 1e-4)), (torch.float64, (1e-10, 1e-10))])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_sampler_equals_the_tensor_path(monkeypatch, dtype, tolerances, threads):
+    """The C++ loops against the gather path: values and both gradients, for positions at tokens,
+    in the fades beyond both borders, far outside and anywhere between, on a non-contiguous input."""
+    import deform_attn.sampling as sampling_module
+
+    calls = []
+    compiled = sampling_module.sample_forward
+    monkeypatch.setattr(sampling_module, "sample_forward", lambda *args: calls.append(1) or compiled(*args))
+    generator = torch.Generator().manual_seed(7)
+    length = 23
+    # (b, n, c) storage seen as (b, c, n)
+    values = torch.randn(4, length, 6, dtype=dtype, generator=generator).transpose(1, 2)
+    positions = torch.rand(4, 30, dtype=dtype, generator=generator) * (length + 8) - 4
+    positions[0, :8] = torch.tensor([0, 3, length - 1, -1, length, -0.5, length - 0.5, 1e9], dtype=dtype)
+    cotangent = torch.randn(4, 6, 30, dtype=dtype, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for sample in (linear_sample_1d, linear_sample_1d_tensors):
+            inputs = [values.detach().clone().requires_grad_(), positions.detach().clone().requires_grad_()]
+            out = sample(*inputs)
+            results.append([out.detach(), *torch.autograd.grad(out, inputs, cotangent)])
+    finally:
+        torch.set_num_threads(previous)
+    assert calls, "linear_sample_1d did not take the compiled path"
+    output_tolerance, gradient_tolerance = tolerances
+    (out, *grads), (expected, *expected_grads) = results
+    assert max_relative_error(out, expected) < output_tolerance
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert max_relative_error(grad, expected_grad) < gradient_tolerance
+
+
+@needs_compiled
+def test_compiled_sampler_has_a_second_derivative():
+    """The compiled backward hands a second derivative to the tensor path's graph."""
+    values = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    positions = positions_away_from_integers(2, 7, -1, 9).requires_grad_()
+    assert torch.autograd.gradgradcheck(linear_sample_1d, (values, positions))
+
+
+def test_tensor_path_takes_what_the_compiled_one_does_not(monkeypatch):
+    """bfloat16 values, and positions wider than the values, run on the gather path."""
+    import deform_attn.sampling as sampling_module
+
+    calls = []
+    compiled = sampling_module.sample_forward
+    monkeypatch.setattr(sampling_module, "sample_forward", lambda *args: calls.append(1) or compiled(*args))
+    values = position_sequence(1, 2, 6).to(torch.bfloat16)
+    positions = torch.tensor([[0.5, 2.0, 4.5]])
+    torch.testing.assert_close(linear_sample_1d(values, positions)[0, 0].float(), positions[0], rtol=0, atol=0)
+    values = position_sequence(1, 1, 6, torch.float32)
+    positions = torch.tensor([[1.25, 3.5]], dtype=torch.float64)
+    out = linear_sample_1d(values, positions)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out[0, 0], positions[0].float(), rtol=0, atol=0)
+    assert not calls

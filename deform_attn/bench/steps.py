@@ -4,7 +4,9 @@
 preset of the ablation grid (default ``tune``, whose candidates cover every recipe the grid can
 freeze), the encoder with the ``deformable`` variant and the same encoder with the ``full``
 variant, on the candidate's model settings and batch size, and times one training step of each
-(forward, loss, backward, AdamW update) on the task's first training batch, side by side in one
+as the runner takes it (forward, loss, backward, gradient clipping, AdamW update with the
+candidate's settings; :func:`deform_attn.experiments.train.make_optimizer`) on the task's first
+training batch, side by side in one
 process: after ``--warmup`` untimed steps of each, ``--repeats`` rounds alternate ``--block``
 consecutive timed steps of each model, so both see the same machine and each runs warm, as in
 training (alternating single steps would time every step cache-cold). Writes ``results.csv`` (median, min and max seconds per
@@ -35,16 +37,17 @@ __all__ = ["measure_pair", "main", "VARIANTS"]
 VARIANTS = ("deformable", "full")
 
 
-def _step_function(model: torch.nn.Module, kind: str, batch):
-    """One training step of ``model`` on ``batch``, as a callable."""
-    from ..experiments.train import _loss
+def _step_function(model: torch.nn.Module, kind: str, batch, train_config):
+    """One training step of ``model`` on ``batch`` as the runner takes it, as a callable."""
+    from ..experiments.train import _loss, clip_gradients, make_optimizer
 
     x, mask, y = batch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model, train_config)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         _loss(kind, model(x, mask), y).backward()
+        clip_gradients(model.parameters(), train_config.grad_clip)
         optimizer.step()
 
     return step
@@ -75,7 +78,7 @@ def measure_pair(run_by_variant: dict, *, repeats: int, warmup: int, block: int 
     for name in VARIANTS:
         torch.manual_seed(first.seed)
         model = _model_for(data, run_by_variant[name].model).train()
-        steps[name], times[name] = _step_function(model, data.kind, batch), []
+        steps[name], times[name] = _step_function(model, data.kind, batch, run_by_variant[name].train), []
         for _ in range(warmup):
             steps[name]()
     for _ in range(repeats):
@@ -148,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {"command": command, "environment": environment("cpu"), "variants": list(VARIANTS),
             "protocol": "one process; per (task, candidate) both models built from the run's seed, warm-up steps, "
                         "then rounds alternating a block of consecutive timed training steps (zero_grad, forward, "
-                        "loss, backward, AdamW step) of each on the task's first training batch; median per model"}
+                        "loss, backward, gradient clipping, the runner's AdamW step) of each on the task's first training batch; median per model"}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return 0
 

@@ -47,11 +47,11 @@ from .sdpa import check_causal_arguments
 
 __all__ = [
     "fused_biased_attention", "fused_available", "fused_unavailable_reason", "SOURCE", "depthwise_available",
-    "depthwise_forward", "depthwise_backward",
+    "depthwise_forward", "depthwise_backward", "sample_available", "sample_forward", "sample_backward",
 ]
 
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
-_ABI = 5
+_ABI = 6
 _BLOCK = 32  # kBlock of fused_cpu.cpp
 # -fopenmp first: the library then runs on PyTorch's own OpenMP threads (see fused_cpu.cpp)
 _FLAG_SETS = (
@@ -100,6 +100,14 @@ class _DepthwiseProblem(ctypes.Structure):
     ] + [
         (name, ctypes.c_void_p)
         for name in ("x", "weight", "bias", "out", "grad_out", "grad_x", "grad_weight", "grad_bias")
+    ]
+
+
+class _SampleProblem(ctypes.Structure):
+    """The C struct ``SampleProblem`` of ``fused_cpu.cpp``, field for field."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("rows", "channels", "length", "cells", "threads")] + [
+        (name, ctypes.c_void_p) for name in ("x", "positions", "out", "grad_out", "grad_x", "grad_positions")
     ]
 
 
@@ -166,6 +174,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             for suffix in ("f32", "f64"):
                 getattr(library, f"deform_attn_fused_{name}_{suffix}").argtypes = [ctypes.POINTER(_Problem)]
                 getattr(library, f"deform_attn_depthwise_{name}_{suffix}").argtypes = [ctypes.POINTER(_DepthwiseProblem)]
+                getattr(library, f"deform_attn_sample_{name}_{suffix}").argtypes = [ctypes.POINTER(_SampleProblem)]
         return library, ""
     return None, "compiling fused_cpu.cpp failed: " + " | ".join(errors)
 
@@ -442,3 +451,56 @@ def depthwise_backward(
     problem.grad_x, problem.grad_weight, problem.grad_bias = (_pointer(t) for t in (grad_x, grad_weight, grad_bias))
     getattr(_load()[0], f"deform_attn_depthwise_backward_{_suffix(x.dtype)}")(ctypes.byref(problem))
     return grad_x, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------- linear sampling
+
+
+def sample_available(x: Tensor, positions: Tensor) -> bool:
+    """Whether :func:`sample_forward` takes these: the library is loaded, both on the CPU, one dtype, fp32 or fp64."""
+    return (
+        x.device.type == "cpu" and positions.device.type == "cpu" and x.dtype == positions.dtype
+        and x.dtype in (torch.float32, torch.float64) and fused_available()
+    )
+
+
+def _sample_problem(x: Tensor, positions: Tensor) -> _SampleProblem:
+    rows, channels, length = x.shape
+    return _SampleProblem(
+        rows=rows, channels=channels, length=length, cells=positions.shape[1], threads=torch.get_num_threads(),
+        x=x.data_ptr(), positions=positions.data_ptr(),
+    )
+
+
+def sample_forward(x: Tensor, positions: Tensor) -> Tensor:
+    """:func:`deform_attn.sampling.linear_sample_1d` in C++ (no gradients; see :func:`sample_backward`).
+
+    Args:
+        x: (batch, channels, n), contiguous; positions: (batch, m), contiguous, of x's dtype
+            (:func:`sample_available`).
+
+    Returns:
+        (batch, channels, m).
+    """
+    out = x.new_empty(x.shape[0], x.shape[1], positions.shape[1])
+    problem = _sample_problem(x, positions)
+    problem.out = out.data_ptr()
+    getattr(_load()[0], f"deform_attn_sample_forward_{_suffix(x.dtype)}")(ctypes.byref(problem))
+    return out
+
+
+def sample_backward(
+    x: Tensor, positions: Tensor, grad_out: Tensor, needs: tuple[bool, bool]
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of :func:`sample_forward` for x and the positions (``None`` where not in ``needs``).
+
+    A position's gradient is summed over the channels in a fixed order, so it is the same on any
+    number of threads.
+    """
+    grad_x = torch.empty_like(x) if needs[0] else None
+    grad_positions = torch.empty_like(positions) if needs[1] else None
+    problem = _sample_problem(x, positions)
+    problem.grad_out = grad_out.data_ptr()
+    problem.grad_x, problem.grad_positions = _pointer(grad_x), _pointer(grad_positions)
+    getattr(_load()[0], f"deform_attn_sample_backward_{_suffix(x.dtype)}")(ctypes.byref(problem))
+    return grad_x, grad_positions
