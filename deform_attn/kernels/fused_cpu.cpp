@@ -895,45 +895,55 @@ struct SampleProblem {
     void *grad_x, *grad_positions;    // (rows, channels, n), (rows, m); either may be null
 };
 
-// One cell's neighbours: the left token and the two weights, zero for a token outside [0, n).
-template <typename T> struct Neighbours {
-    int64_t left;
-    T left_weight, right_weight, left_inside, right_inside;
-};
+// One row's cells as index and weight arrays, so that the loops over the cells have no branch
+// and vectorise (gathers): an outside neighbour reads a token inside with weight zero, as the
+// tensor path's clamped gather does.
+template <typename T> struct RowSamples {
+    Buffer<int32_t> left, right;          // (m,) tokens read, inside [0, n)
+    Buffer<T> left_weight, right_weight;  // (m,) 1 - f and f, zero for a neighbour outside
+    Buffer<T> left_inside, right_inside;  // (m,) 1 or 0: d out / d p = right_inside x_r - left_inside x_l
 
-template <typename T> Neighbours<T> neighbours(T position, int64_t length) {
-    Neighbours<T> result{0, T(0), T(0), T(0), T(0)};
-    if (std::isnan(position)) {  // NaN in, NaN out, as the tensor path gives
-        result.left_weight = result.right_weight = position;
-        return result;
+    void prepare(const T* positions, int64_t cells, int64_t length) {
+        for (auto* buffer : {&left, &right}) buffer->resize(cells);
+        for (auto* buffer : {&left_weight, &right_weight, &left_inside, &right_inside}) buffer->resize(cells);
+        for (int64_t j = 0; j < cells; ++j) {
+            const T position = positions[j], floor = std::floor(position);
+            left[j] = right[j] = 0;
+            if (std::isnan(position)) {  // NaN in, NaN out, as the tensor path gives
+                left_weight[j] = right_weight[j] = left_inside[j] = right_inside[j] = position;
+                continue;
+            }
+            if (!(floor >= T(-1) && floor <= T(length - 1))) {  // both neighbours outside
+                left_weight[j] = right_weight[j] = left_inside[j] = right_inside[j] = T(0);
+                continue;
+            }
+            const int64_t token = int64_t(floor);
+            const T fraction = position - floor;
+            left_inside[j] = token >= 0 ? T(1) : T(0);
+            right_inside[j] = token + 1 < length ? T(1) : T(0);
+            left[j] = int32_t(token >= 0 ? token : 0);
+            right[j] = int32_t(token + 1 < length ? token + 1 : length - 1);
+            left_weight[j] = (T(1) - fraction) * left_inside[j];
+            right_weight[j] = fraction * right_inside[j];
+        }
     }
-    const T floor = std::floor(position);
-    if (!(floor >= T(-1) && floor <= T(length - 1))) return result;  // both neighbours outside
-    const T fraction = position - floor;
-    result.left = int64_t(floor);
-    result.left_inside = result.left >= 0 ? T(1) : T(0);
-    result.right_inside = result.left + 1 < length ? T(1) : T(0);
-    result.left_weight = (T(1) - fraction) * result.left_inside;
-    result.right_weight = fraction * result.right_inside;
-    return result;
-}
+};
 
 template <typename T> void sample_forward(const SampleProblem& p) {
     const T* x = static_cast<const T*>(p.x);
     const T* positions = static_cast<const T*>(p.positions);
     T* out = static_cast<T*>(p.out);
-    parallel_for(p.rows, p.threads, [&](int64_t row, int64_t) {
-        Buffer<Neighbours<T>> cells(p.cells);
-        for (int64_t j = 0; j < p.cells; ++j) cells[j] = neighbours(positions[row * p.cells + j], p.length);
+    std::vector<RowSamples<T>> scratch(std::max<int64_t>(1, p.threads));
+    parallel_for(p.rows, p.threads, [&](int64_t row, int64_t thread) {
+        RowSamples<T>& s = scratch[thread];
+        s.prepare(positions + row * p.cells, p.cells, p.length);
+        const int32_t *__restrict left = s.left.data(), *__restrict right = s.right.data();
+        const T *__restrict left_weight = s.left_weight.data(), *__restrict right_weight = s.right_weight.data();
         for (int64_t c = 0; c < p.channels; ++c) {
-            const T* x_row = x + (row * p.channels + c) * p.length;
-            T* out_row = out + (row * p.channels + c) * p.cells;
-            for (int64_t j = 0; j < p.cells; ++j) {
-                const Neighbours<T>& cell = cells[j];
-                const T left = cell.left_inside != T(0) ? x_row[cell.left] : T(0);
-                const T right = cell.right_inside != T(0) ? x_row[cell.left + 1] : T(0);
-                out_row[j] = left * cell.left_weight + right * cell.right_weight;
-            }
+            const T* __restrict x_row = x + (row * p.channels + c) * p.length;
+            T* __restrict out_row = out + (row * p.channels + c) * p.cells;
+            for (int64_t j = 0; j < p.cells; ++j)
+                out_row[j] = x_row[left[j]] * left_weight[j] + x_row[right[j]] * right_weight[j];
         }
     });
 }
@@ -946,31 +956,29 @@ template <typename T> void sample_backward(const SampleProblem& p) {
     const T* grad_out = static_cast<const T*>(p.grad_out);
     T* grad_x = static_cast<T*>(p.grad_x);
     T* grad_positions = static_cast<T*>(p.grad_positions);
-    parallel_for(p.rows, p.threads, [&](int64_t row, int64_t) {
-        Buffer<Neighbours<T>> cells(p.cells);
-        for (int64_t j = 0; j < p.cells; ++j) cells[j] = neighbours(positions[row * p.cells + j], p.length);
-        T* grad_p = grad_positions ? grad_positions + row * p.cells : nullptr;
+    std::vector<RowSamples<T>> scratch(std::max<int64_t>(1, p.threads));
+    parallel_for(p.rows, p.threads, [&](int64_t row, int64_t thread) {
+        RowSamples<T>& s = scratch[thread];
+        s.prepare(positions + row * p.cells, p.cells, p.length);
+        const int32_t *__restrict left = s.left.data(), *__restrict right = s.right.data();
+        const T *__restrict left_weight = s.left_weight.data(), *__restrict right_weight = s.right_weight.data();
+        const T *__restrict left_inside = s.left_inside.data(), *__restrict right_inside = s.right_inside.data();
+        T* __restrict grad_p = grad_positions ? grad_positions + row * p.cells : nullptr;
         if (grad_p) std::fill(grad_p, grad_p + p.cells, T(0));
         for (int64_t c = 0; c < p.channels; ++c) {
-            const T* x_row = x + (row * p.channels + c) * p.length;
-            const T* g = grad_out + (row * p.channels + c) * p.cells;
-            if (grad_x) {
+            const T* __restrict x_row = x + (row * p.channels + c) * p.length;
+            const T* __restrict g = grad_out + (row * p.channels + c) * p.cells;
+            if (grad_x) {  // a scatter: two cells may share a token, so no vectors here
                 T* target = grad_x + (row * p.channels + c) * p.length;
                 std::fill(target, target + p.length, T(0));
                 for (int64_t j = 0; j < p.cells; ++j) {
-                    const Neighbours<T>& cell = cells[j];
-                    if (cell.left_inside != T(0)) target[cell.left] += g[j] * cell.left_weight;
-                    if (cell.right_inside != T(0)) target[cell.left + 1] += g[j] * cell.right_weight;
+                    target[left[j]] += g[j] * left_weight[j];
+                    target[right[j]] += g[j] * right_weight[j];
                 }
             }
-            if (grad_p) {  // d out / d p = x[l + 1] - x[l], an outside token counting as zero
-                for (int64_t j = 0; j < p.cells; ++j) {
-                    const Neighbours<T>& cell = cells[j];
-                    const T left = cell.left_inside != T(0) ? x_row[cell.left] : T(0);
-                    const T right = cell.right_inside != T(0) ? x_row[cell.left + 1] : T(0);
-                    grad_p[j] += g[j] * (right - left);
-                }
-            }
+            if (grad_p)
+                for (int64_t j = 0; j < p.cells; ++j)
+                    grad_p[j] += g[j] * (x_row[right[j]] * right_inside[j] - x_row[left[j]] * left_inside[j]);
         }
     });
 }
