@@ -95,7 +95,7 @@ def performance_block(folder: Path = BENCH) -> str:
 
 def ablations_block() -> str:
     """The main comparison's paired differences, computed as the Ablations chapter computes them."""
-    from deform_attn.experiments import grid, report
+    from deform_attn.experiments import report
     from deform_attn.experiments.recipes import load_recipes
     from deform_attn.experiments.results import load_published
 
@@ -104,11 +104,10 @@ def ablations_block() -> str:
     missing: dict[str, int] = {}
     for key in report.missing_runs(published, "main"):
         missing[key.split("/")[0]] = missing.get(key.split("/")[0], 0) + 1
-    order = list(grid.PRESETS["main"]["tasks"])
-    complete = [task for task in order if task not in missing and any(r.task == task for r in view)]
-    learned = {row["task"]: row["learned"] for row in report.learned_tasks(load_recipes())}
-    rows = report.contrast_table([r for r in view if r.task in complete], report.MAIN_CONTRASTS,
-                                 family=[task for task in complete if learned.get(task)])
+    complete = report.complete_tasks(published, "main")
+    recipes = load_recipes()
+    learned = {row["task"]: row["learned"] for row in report.learned_tasks(recipes)}
+    rows = report.main_contrasts(published, recipes=recipes)
     contrasts = report.MAIN_CONTRASTS
     lines = [
         "| task (metric) | " + " | ".join(f"{v} − {r}" for v, r in contrasts) + " |",

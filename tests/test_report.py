@@ -137,3 +137,29 @@ def test_a_union_presets_runs_are_recorded_under_their_part(tmp_path, monkeypatc
     expected = {run.key: run.preset for run in grid.build_grid("micro_both", seeds=[0])}
     assert {r["key"]: r["preset"] for r in written} == expected
     assert {r["preset"] for r in written} == {"micro", "micro_causal"}
+
+
+def test_main_contrasts_compare_only_complete_tasks_and_holm_over_the_learned_ones():
+    """A task with part of its seeds published gets no contrast (a verdict must not rest on some of
+    its seeds), and Holm's family is the complete tasks that were learned; summarize's tables are
+    the same rows."""
+    runs = grid.build_grid("main")
+    accuracy = {"deformable": 0.8, "downsampled": 0.7, "full": 0.75, "local": 0.72, "mlp_only": 0.5}
+    pool = [_record(run, accuracy.get(run.variant, 0.6) + 0.01 * run.seed, kind="test_accuracy", baseline=0.1)
+            for run in runs if run.task in ("mnist1d", "mnist1d_long")]
+    adding = [run for run in runs if run.task == "adding"]
+    pool += [_record(run, 0.05) for run in adding[: len(adding) // 2]]
+    recipes = {task: {"candidate": "c0", "candidates": {"c0": {"by_variant": {"deformable": best}}}}
+               for task, best in (("mnist1d", 0.9), ("mnist1d_long", 0.5), ("adding", 0.001))}
+    assert report.complete_tasks(pool, "main") == ["mnist1d", "mnist1d_long"]
+    rows = report.main_contrasts(pool, recipes=recipes, resamples=200)
+    assert {row["task"] for row in rows} == {"mnist1d", "mnist1d_long"}
+    # mnist1d_long missed its 80% target: compared, but outside the family
+    assert {row["task"] for row in rows if row["in_family"]} == {"mnist1d"}
+    assert all(math.isnan(row["p_holm"]) for row in rows if row["task"] == "mnist1d_long")
+    tables = report.preset_tables(pool, "main", recipes=recipes, resamples=200)
+    assert tables["contrasts"] == rows
+    assert {row["task"]: row["missing"] for row in tables["missing"]} == {
+        task: sum(run.task == task for run in runs) - (len(adding) // 2 if task == "adding" else 0)
+        for task in ("adding", "listops", "osuleaf")
+    }

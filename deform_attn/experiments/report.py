@@ -37,9 +37,11 @@ __all__ = [
     "Target",
     "preset_view",
     "missing_runs",
+    "complete_tasks",
     "learned_tasks",
     "variant_table",
     "contrast_table",
+    "main_contrasts",
     "verdict",
     "compute_table",
     "format_rows",
@@ -130,6 +132,15 @@ def missing_runs(records: Iterable[RecordLike], preset: str) -> list[str]:
     """The keys of ``preset``'s runs that ``records`` lack, in grid order."""
     have = {as_record(record).key for record in records}
     return [run.key for run in _grid(preset) if run.key not in have]
+
+
+def complete_tasks(records: Iterable[RecordLike], preset: str) -> list[str]:
+    """The tasks of ``preset``'s grid, in grid order, whose every run ``records`` hold."""
+    have = {as_record(record).key for record in records}
+    tasks: dict[str, bool] = {}
+    for run in _grid(preset):
+        tasks[run.task] = tasks.get(run.task, True) and run.key in have
+    return [task for task, complete in tasks.items() if complete]
 
 
 # ---------------------------------------------------------------------------- was it learned?
@@ -263,6 +274,26 @@ def contrast_table(
     return rows
 
 
+def main_contrasts(
+    records: Iterable[RecordLike], *, recipes: dict[str, Any] | None = None, resamples: int = 10_000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """The main comparison's contrasts as the chapter, the README and ``summarize`` report them.
+
+    Only the tasks whose main comparison is complete (:func:`complete_tasks`) are compared, so
+    that a verdict never rests on part of a task's seeds; Holm's family is their contrasts on the
+    tasks that were learned (:func:`learned_tasks` of the frozen ``recipes``, default the
+    committed ones).
+    """
+    from .recipes import load_recipes
+
+    records = [as_record(r) for r in records]
+    complete = complete_tasks(records, "main")
+    learned = {row["task"] for row in learned_tasks(load_recipes() if recipes is None else recipes) if row["learned"]}
+    view = [r for r in preset_view(records, "main") if r.task in complete]
+    return contrast_table(view, MAIN_CONTRASTS, family=[task for task in complete if task in learned],
+                          resamples=resamples)
+
+
 def verdict(row: dict[str, Any]) -> str:
     """``better``, ``worse`` (for the row's variant), ``no significant difference``, ``too few seeds``
     or ``not learned`` (outside the correction's family)."""
@@ -340,8 +371,8 @@ def preset_tables(
 ) -> dict[str, list[dict[str, Any]]]:
     """Every table of ``preset`` the chapter shows, from a pool of records.
 
-    ``main``: ``learned`` (the recipe search's targets), ``variants``, ``contrasts`` (the main
-    contrasts, Holm over the learned tasks); ``lengths``: ``variants``, ``contrasts`` (the length
+    ``main``: ``learned`` (the recipe search's targets), ``variants``, ``contrasts``
+    (:func:`main_contrasts`: the complete tasks, Holm over the learned ones); ``lengths``: ``variants``, ``contrasts`` (the length
     contrasts on every stretch, one Holm family); ``sweeps``: ``contrasts`` (each swept setting
     against the default layer, one family); ``compute``: ``compute``. Every preset also gets
     ``missing``: one row per task with the number of its runs the pool lacks. A union preset
@@ -366,11 +397,10 @@ def preset_tables(
     if preset == "main":
         from .recipes import load_recipes
 
-        learned = learned_tasks(load_recipes() if recipes is None else recipes)
-        tables["learned"] = learned
+        recipes = load_recipes() if recipes is None else recipes
+        tables["learned"] = learned_tasks(recipes)
         tables["variants"] = variant_table(view)
-        family = [row["task"] for row in learned if row["learned"]]
-        tables["contrasts"] = contrast_table(view, MAIN_CONTRASTS, family=family, resamples=resamples)
+        tables["contrasts"] = main_contrasts(view, recipes=recipes, resamples=resamples)
     elif preset == "lengths":
         tables["variants"] = variant_table(view)
         tables["contrasts"] = contrast_table(view, LENGTH_CONTRASTS, resamples=resamples)
