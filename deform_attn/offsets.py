@@ -115,15 +115,12 @@ class _StridedDepthwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride: int, left: int, right: int):
-        cells, taps = _taps(x.shape[-1], weight.shape[1], stride, left, right)
         ctx.compiled = _compiled_depthwise(x, weight, bias)
-        if ctx.compiled:
+        if ctx.compiled:  # the compiled loops read contiguous rows; the backward reads the same copies
             x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
         ctx.save_for_backward(x, weight)
-        ctx.geometry = (stride, taps, left)
-        if ctx.compiled:
-            return depthwise_forward(x, weight, bias, stride, left, cells)
-        return _depthwise_forward(x, weight, bias, stride, left, right)
+        ctx.geometry = (stride, _taps(x.shape[-1], weight.shape[1], stride, left, right)[1], left)
+        return _depthwise_without_grad(x, weight, bias, stride, left, right, ctx.compiled)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -161,6 +158,15 @@ def _compiled_depthwise(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
     return weight.dtype == bias.dtype == x.dtype and depthwise_available(x)
 
 
+def _depthwise_without_grad(x: Tensor, weight: Tensor, bias: Tensor, stride: int, left: int, right: int,
+                            compiled: bool) -> Tensor:
+    """The convolution's values, by the compiled loops or tap by tap (no autograd graph needed)."""
+    if compiled:
+        cells = _taps(x.shape[-1], weight.shape[1], stride, left, right)[0]
+        return depthwise_forward(x.contiguous(), weight.contiguous(), bias.contiguous(), stride, left, cells)
+    return _depthwise_forward(x, weight, bias, stride, left, right)
+
+
 def strided_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int, left: int, right: int) -> Tensor:
     """``conv1d(pad(x, (left, right)), weight[:, None], bias, stride, groups=channels)`` without the pad.
 
@@ -176,10 +182,7 @@ def strided_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int,
         return F.conv1d(F.pad(x, (left, right)), weight[:, None], bias, stride=stride, groups=weight.shape[0])
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
     if not needs_grad:
-        if _compiled_depthwise(x, weight, bias):
-            cells = _taps(x.shape[-1], weight.shape[1], stride, left, right)[0]
-            return depthwise_forward(x.contiguous(), weight.contiguous(), bias.contiguous(), stride, left, cells)
-        return _depthwise_forward(x, weight, bias, stride, left, right)
+        return _depthwise_without_grad(x, weight, bias, stride, left, right, _compiled_depthwise(x, weight, bias))
     return _StridedDepthwiseConv.apply(x, weight, bias, stride, left, right)
 
 
