@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels.fused import depthwise_available, depthwise_backward, depthwise_forward
+from .kernels.fused import (
+    depthwise_available,
+    depthwise_backward,
+    depthwise_forward,
+    offsets_backward,
+    offsets_forward,
+)
 
 __all__ = [
     "OffsetNetwork", "ZeroOffsets", "default_offset_kernel_size", "check_offset_kernel_size", "strided_depthwise_conv",
@@ -186,6 +192,45 @@ def strided_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int,
     return _StridedDepthwiseConv.apply(x, weight, bias, stride, left, right)
 
 
+def _offsets_with_tensors(x, weight, bias, pointwise, stride: int, left: int, right: int, bounded: bool, scale):
+    """The offset network without a LayerNorm in tensor operations (differentiable twice)."""
+    hidden = F.gelu(strided_depthwise_conv(x, weight, bias, stride, left, right))
+    raw = torch.matmul(pointwise[None, :], hidden).squeeze(1)
+    return (torch.tanh(raw) if bounded else raw) * scale
+
+
+class _CompiledOffsets(torch.autograd.Function):
+    """The whole offset network in one compiled call each way (``fused_cpu.cpp``).
+
+    Through tensor operations the network is a dozen calls each way on tensors of a few thousand
+    values in the ablation models (convolution, GELU, product, tanh, scale and their gradients),
+    and it keeps the convolution's output and the GELU's, (b g, d, m) each, for the backward
+    pass. The compiled loops keep only the inputs and recompute the hidden activations.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pointwise, stride: int, left: int, right: int, bounded: bool, scale: float):
+        x, weight, bias, pointwise = x.contiguous(), weight.contiguous(), bias.contiguous(), pointwise.contiguous()
+        ctx.save_for_backward(x, weight, bias, pointwise)
+        ctx.settings = (stride, left, right, bounded, scale)
+        cells = _taps(x.shape[-1], weight.shape[1], stride, left, right)[0]
+        return offsets_forward(x, weight, bias, pointwise, stride, left, cells, bounded, scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs = ctx.saved_tensors
+        stride, left, right, bounded, scale = ctx.settings
+        needs = ctx.needs_input_grad[:4]
+        if not torch.is_grad_enabled():
+            grads = offsets_backward(*inputs, grad_out.contiguous(), stride, left, bounded, scale, needs)
+            return (*grads, None, None, None, None, None)
+        # a second derivative: differentiate the tensor path, whose graph reaches the inputs
+        wanted = [t for t, need in zip(inputs, needs) if need]
+        out = _offsets_with_tensors(*inputs, stride, left, right, bounded, scale)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+        return (*(next(grads) if need else None for need in needs), None, None, None, None, None)
+
+
 class OffsetNetwork(nn.Module):
     """Queries of one offset group -> one offset per downsampled cell, in cells.
 
@@ -249,12 +294,26 @@ class OffsetNetwork(nn.Module):
         return strided_depthwise_conv(grouped_queries, conv.weight[:, 0], conv.bias, self.downsample_factor, left, right)
 
     def forward(self, grouped_queries: Tensor, padding: tuple[int, int] | None = None) -> Tensor:
+        left, right = self.padding if padding is None else padding
+        conv = self.depthwise
+        parts = (grouped_queries, conv.weight[:, 0], conv.bias, self.pointwise.weight[0, :, 0])
+        if self._compiled(*parts):
+            return _CompiledOffsets.apply(*parts, self.downsample_factor, left, right, self.bounded, self.offset_scale)
         hidden = self.activation(self.norm(self.depthwise_conv(grouped_queries, padding)))
         # a matrix product, not conv1d: one output channel through mkldnn costs more than it computes
         raw = torch.matmul(self.pointwise.weight[:, :, 0], hidden).squeeze(1)  # (bg, 1, m) -> (bg, m)
         if self.bounded:
             raw = torch.tanh(raw)
         return raw * self.offset_scale
+
+    def _compiled(self, x: Tensor, *parameters: Tensor) -> bool:
+        """Whether the whole network runs in one compiled call: no LayerNorm, exact GELU, the CPU in
+        fp32 or fp64 with parameters of x's dtype, not traced."""
+        if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+            return False
+        plain = isinstance(self.norm, nn.Identity) and type(self.activation) is nn.GELU
+        return (plain and self.activation.approximate == "none" and all(p.dtype == x.dtype for p in parameters)
+                and depthwise_available(x))
 
 
 class ZeroOffsets(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -76,10 +77,15 @@ def test_export_causal_layer_with_keys_pushed_forward():
     with torch.no_grad():  # offsets at their bounds, so keys wait for later tokens
         layer.to_offsets.pointwise.weight.mul_(50)
     program = export_layer(layer, min_length=16, max_length=2048)
+    # offsets at x50 amplify float32 rounding: the exported program and the eager layer each stay
+    # within 2e-5 of the layer in float64 (measured: up to 1.1e-5 and 0.8e-5 at n = 700)
+    reference = copy.deepcopy(layer).double()
     for length in (16, 97, 700):
         x = torch.randn(2, 16, length)
         with torch.no_grad():
-            assert max_relative_error(program.module()(x), layer(x)) < 1e-5
+            exact = reference(x.double())
+            assert max_relative_error(program.module()(x).double(), exact) < 2e-5
+            assert max_relative_error(layer(x).double(), exact) < 2e-5
 
 
 def test_export_without_position_bias():

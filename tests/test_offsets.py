@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import max_relative_error
+
 from deform_attn import DeformableAttention1D, OffsetNetwork
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -200,3 +202,83 @@ def test_compiled_depthwise_conv_matches_the_tensor_path_and_any_thread_count(mo
     assert calls
     one, two = run(True, 1), run(True, 2)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+needs_compiled = pytest.mark.skipif(
+    not __import__("deform_attn.kernels", fromlist=["fused_available"]).fused_available(),
+    reason="no C++ compiler: the offset network runs on tensor operations only",
+)
+
+
+def _offsets_by_modules(network, x, padding):
+    """The offset network through its modules, one tensor operation at a time (the reference)."""
+    hidden = network.activation(network.norm(network.depthwise_conv(x, padding)))
+    raw = torch.matmul(network.pointwise.weight[:, :, 0], hidden).squeeze(1)
+    return (torch.tanh(raw) if network.bounded else raw) * network.offset_scale
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype, tolerances", [(torch.float32, (1e-5, 1e-4)), (torch.float64, (1e-10, 1e-10))])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(channels=16, downsample_factor=4, kernel_size=6, bounded=True, causal=False),
+        dict(channels=8, downsample_factor=3, kernel_size=7, bounded=False, causal=False),
+        dict(channels=12, downsample_factor=4, kernel_size=6, bounded=True, causal=True),
+        dict(channels=5, downsample_factor=1, kernel_size=1, bounded=True, causal=False),
+    ],
+    ids=["centred", "unbounded-odd", "causal", "one-tap"],
+)
+def test_compiled_offset_network_equals_its_modules(monkeypatch, dtype, tolerances, settings):
+    """The whole network in one compiled call against its modules, values and every gradient, on
+    weights scaled up so that the GELU's tails and tanh's saturation are reached, with the layer's
+    padding and streaming's (0, 0); the parameters' gradients are the same bits on one thread and
+    on two."""
+    import deform_attn.offsets as offsets_module
+
+    torch.manual_seed(0)
+    network = OffsetNetwork(offset_scale=4.0, **settings).to(dtype)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.mul_(3)
+    x = torch.randn(6, settings["channels"], 45, dtype=dtype, requires_grad=True)
+    inputs = [x, *network.parameters()]
+    calls = []
+    compiled = offsets_module.offsets_forward
+    monkeypatch.setattr(offsets_module, "offsets_forward", lambda *args: calls.append(1) or compiled(*args))
+
+    def values_and_grads(function, threads=2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = function()
+            cotangent = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            return [out.detach(), *torch.autograd.grad(out, inputs, cotangent)]
+        finally:
+            torch.set_num_threads(previous)
+
+    output_tolerance, gradient_tolerance = tolerances
+    for padding in (None, (0, 0)):
+        ours = values_and_grads(lambda: network(x, padding))
+        one_thread = values_and_grads(lambda: network(x, padding), threads=1)
+        expected = values_and_grads(lambda: _offsets_by_modules(network, x, padding))
+        assert max_relative_error(ours[0], expected[0]) < output_tolerance
+        for mine, reference in zip(ours[1:], expected[1:]):
+            assert max_relative_error(mine, reference) < gradient_tolerance
+        for mine, reference in zip(ours[2:], one_thread[2:]):  # the parameters' sums: a fixed order
+            assert torch.equal(mine, reference)
+    assert len(calls) == 4
+
+
+@needs_compiled
+def test_compiled_offset_network_has_a_second_derivative_and_steps_aside():
+    """A second derivative goes through the modules; a LayerNorm or another GELU takes the modules."""
+    network = OffsetNetwork(channels=4, downsample_factor=4, kernel_size=6, offset_scale=4.0).double()
+    x = torch.randn(3, 4, 17, dtype=torch.float64, requires_grad=True)
+    assert network._compiled(x, network.depthwise.weight)
+    assert torch.autograd.gradgradcheck(lambda x: network(x), (x,))
+    normed = OffsetNetwork(channels=4, downsample_factor=4, kernel_size=6, offset_scale=4.0, layer_norm=True)
+    assert not normed._compiled(x.float(), normed.depthwise.weight)
+    network.activation = torch.nn.GELU(approximate="tanh")
+    assert not network._compiled(x, network.depthwise.weight)
+    torch.testing.assert_close(network(x), _offsets_by_modules(network, x, None))

@@ -48,10 +48,11 @@ from .sdpa import check_causal_arguments
 __all__ = [
     "fused_biased_attention", "fused_available", "fused_unavailable_reason", "SOURCE", "depthwise_available",
     "depthwise_forward", "depthwise_backward", "sample_available", "sample_forward", "sample_backward",
+    "offsets_forward", "offsets_backward",
 ]
 
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
-_ABI = 6
+_ABI = 7
 _BLOCK = 32  # kBlock of fused_cpu.cpp
 # -fopenmp first: the library then runs on PyTorch's own OpenMP threads (see fused_cpu.cpp)
 _FLAG_SETS = (
@@ -100,6 +101,19 @@ class _DepthwiseProblem(ctypes.Structure):
     ] + [
         (name, ctypes.c_void_p)
         for name in ("x", "weight", "bias", "out", "grad_out", "grad_x", "grad_weight", "grad_bias")
+    ]
+
+
+class _OffsetProblem(ctypes.Structure):
+    """The C struct ``OffsetProblem`` of ``fused_cpu.cpp``, field for field."""
+
+    _fields_ = [
+        (name, ctypes.c_int64)
+        for name in ("sequences", "channels", "length", "cells", "kernel", "stride", "left", "threads", "bounded")
+    ] + [("scale", ctypes.c_double)] + [
+        (name, ctypes.c_void_p)
+        for name in ("x", "weight", "bias", "pointwise", "out", "grad_out", "grad_x", "grad_weight", "grad_bias",
+                     "grad_pointwise")
     ]
 
 
@@ -175,6 +189,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                 getattr(library, f"deform_attn_fused_{name}_{suffix}").argtypes = [ctypes.POINTER(_Problem)]
                 getattr(library, f"deform_attn_depthwise_{name}_{suffix}").argtypes = [ctypes.POINTER(_DepthwiseProblem)]
                 getattr(library, f"deform_attn_sample_{name}_{suffix}").argtypes = [ctypes.POINTER(_SampleProblem)]
+                getattr(library, f"deform_attn_offsets_{name}_{suffix}").argtypes = [ctypes.POINTER(_OffsetProblem)]
         return library, ""
     return None, "compiling fused_cpu.cpp failed: " + " | ".join(errors)
 
@@ -451,6 +466,58 @@ def depthwise_backward(
     problem.grad_x, problem.grad_weight, problem.grad_bias = (_pointer(t) for t in (grad_x, grad_weight, grad_bias))
     getattr(_load()[0], f"deform_attn_depthwise_backward_{_suffix(x.dtype)}")(ctypes.byref(problem))
     return grad_x, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------- the whole offset network
+
+
+def _offset_problem(x, weight, bias, pointwise, stride, left, cells, bounded, scale) -> _OffsetProblem:
+    sequences, channels, length = x.shape
+    return _OffsetProblem(
+        sequences=sequences, channels=channels, length=length, cells=cells, kernel=weight.shape[1], stride=stride,
+        left=left, threads=torch.get_num_threads(), bounded=int(bounded), scale=float(scale), x=x.data_ptr(),
+        weight=weight.data_ptr(), bias=bias.data_ptr(), pointwise=pointwise.data_ptr(),
+    )
+
+
+def offsets_forward(
+    x: Tensor, weight: Tensor, bias: Tensor, pointwise: Tensor, stride: int, left: int, cells: int, bounded: bool,
+    scale: float,
+) -> Tensor:
+    """:class:`deform_attn.offsets.OffsetNetwork` without a LayerNorm, in C++ (no gradients).
+
+    Args:
+        x: (sequences, channels, n) queries of each offset group, contiguous, fp32 or fp64 on
+            the CPU (:func:`depthwise_available`).
+        weight: (channels, kernel_size), bias: (channels,): the depthwise convolution's.
+        pointwise: (channels,) the pointwise convolution's weight. All of x's dtype, contiguous.
+        stride: tokens per cell; left: zero padding on the left, in tokens; cells: offsets per
+            sequence; bounded: ``tanh`` before the scale; scale: the offset scale.
+
+    Returns:
+        (sequences, cells) offsets.
+    """
+    out = x.new_empty(x.shape[0], cells)
+    problem = _offset_problem(x, weight, bias, pointwise, stride, left, cells, bounded, scale)
+    problem.out = out.data_ptr()
+    getattr(_load()[0], f"deform_attn_offsets_forward_{_suffix(x.dtype)}")(ctypes.byref(problem))
+    return out
+
+
+def offsets_backward(
+    x: Tensor, weight: Tensor, bias: Tensor, pointwise: Tensor, grad_out: Tensor, stride: int, left: int,
+    bounded: bool, scale: float, needs: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, ...]:
+    """Gradients of :func:`offsets_forward` for x, weight, bias and pointwise (``None`` where not in
+    ``needs``); the parameters' are summed in a fixed order, the same on any number of threads."""
+    grads = [
+        torch.empty_like(t) if need else None for t, need in zip((x, weight, bias, pointwise), needs)
+    ]
+    problem = _offset_problem(x, weight, bias, pointwise, stride, left, grad_out.shape[-1], bounded, scale)
+    problem.grad_out = grad_out.data_ptr()
+    problem.grad_x, problem.grad_weight, problem.grad_bias, problem.grad_pointwise = (_pointer(t) for t in grads)
+    getattr(_load()[0], f"deform_attn_offsets_backward_{_suffix(x.dtype)}")(ctypes.byref(problem))
+    return tuple(grads)
 
 
 # ---------------------------------------------------------------------------- linear sampling

@@ -789,6 +789,60 @@ inline std::pair<int64_t, int64_t> interior_cells(const std::vector<int64_t>& bo
     return {first, std::max(first, stop)};
 }
 
+// One row's convolution: out_row[j] = b + sum_t w[t] x_row[j * stride + t - left] over the taps
+// inside the sequence.
+template <typename T>
+inline void depthwise_row(const DepthwiseProblem& p, const std::vector<int64_t>& bounds,
+                          std::pair<int64_t, int64_t> interior, const T* __restrict x_row, const T* __restrict w,
+                          T b, T* __restrict out_row) {
+    for (int64_t j = 0; j < p.cells; ++j) {
+        const T* window = x_row + j * p.stride - p.left;  // token of tap t: window[t]
+        T total = b;
+        if (j >= interior.first && j < interior.second) {
+            for (int64_t t = 0; t < p.kernel; ++t) total += w[t] * window[t];
+        } else {
+            for (int64_t t = 0; t < p.kernel; ++t)
+                if (j >= bounds[2 * t] && j < bounds[2 * t + 1]) total += w[t] * window[t];
+        }
+        out_row[j] = total;
+    }
+}
+
+// One row's gradients given the gradient g of its output: the input's row (overwritten), and the
+// weight's and bias's sums added to weight_sums (kernel,) and *bias_sum; any may be null.
+template <typename T>
+inline void depthwise_row_backward(const DepthwiseProblem& p, const std::vector<int64_t>& bounds,
+                                   std::pair<int64_t, int64_t> interior, const T* __restrict x_row,
+                                   const T* __restrict w, const T* __restrict g, T* __restrict gx,
+                                   T* __restrict weight_sums, T* bias_sum) {
+    if (bias_sum) {
+        T total = 0;
+        for (int64_t j = 0; j < p.cells; ++j) total += g[j];
+        *bias_sum += total;
+    }
+    if (gx) {  // cell by cell, each cell adding its window's share
+        std::fill(gx, gx + p.length, T(0));
+        for (int64_t j = 0; j < p.cells; ++j) {
+            T* window = gx + j * p.stride - p.left;
+            const T gj = g[j];
+            if (j >= interior.first && j < interior.second) {
+                for (int64_t t = 0; t < p.kernel; ++t) window[t] += gj * w[t];
+            } else {
+                for (int64_t t = 0; t < p.kernel; ++t)
+                    if (j >= bounds[2 * t] && j < bounds[2 * t + 1]) window[t] += gj * w[t];
+            }
+        }
+    }
+    if (weight_sums) {  // per tap a dot product over its cells
+        for (int64_t t = 0; t < p.kernel; ++t) {
+            const T* source = x_row + t - p.left;
+            T total = 0;
+            for (int64_t j = bounds[2 * t]; j < bounds[2 * t + 1]; ++j) total += g[j] * source[j * p.stride];
+            weight_sums[t] += total;
+        }
+    }
+}
+
 // Cell by cell, the taps summed in a register: inside the interior every tap is in range, and
 // the few border cells take the per-tap bounds. (Tap by tap over the cells, each partial sum went
 // through memory once per tap: 3x slower on the MNIST-1D model's 4096 rows of 40 tokens.)
@@ -802,21 +856,8 @@ template <typename T> void depthwise_forward(const DepthwiseProblem& p) {
     const auto interior = interior_cells(bounds, p.kernel);
     parallel_for(chunks, p.threads, [&](int64_t chunk, int64_t) {
         for (int64_t row = chunk * p.rows / chunks; row < (chunk + 1) * p.rows / chunks; ++row) {
-            const T* __restrict x_row = x + row * p.length;
-            const T* __restrict w = weight + (row % p.channels) * p.kernel;
-            T* __restrict out_row = out + row * p.cells;
-            const T b = bias[row % p.channels];
-            for (int64_t j = 0; j < p.cells; ++j) {
-                const T* window = x_row + j * p.stride - p.left;  // token of tap t: window[t]
-                T total = b;
-                if (j >= interior.first && j < interior.second) {
-                    for (int64_t t = 0; t < p.kernel; ++t) total += w[t] * window[t];
-                } else {
-                    for (int64_t t = 0; t < p.kernel; ++t)
-                        if (j >= bounds[2 * t] && j < bounds[2 * t + 1]) total += w[t] * window[t];
-                }
-                out_row[j] = total;
-            }
+            const int64_t c = row % p.channels;
+            depthwise_row(p, bounds, interior, x + row * p.length, weight + c * p.kernel, bias[c], out + row * p.cells);
         }
     });
 }
@@ -835,37 +876,10 @@ template <typename T> void depthwise_backward(const DepthwiseProblem& p) {
     parallel_for(chunks, p.threads, [&](int64_t chunk, int64_t) {
         for (int64_t row = chunk * p.rows / chunks; row < (chunk + 1) * p.rows / chunks; ++row) {
             const int64_t c = row % p.channels;
-            const T* __restrict x_row = x + row * p.length;
-            const T* __restrict w = weight + c * p.kernel;
-            const T* __restrict g = grad_out + row * p.cells;
-            if (p.grad_bias) {
-                T total = 0;
-                for (int64_t j = 0; j < p.cells; ++j) total += g[j];
-                grad_bias[chunk * p.channels + c] += total;
-            }
-            if (grad_x) {  // cell by cell, each cell adding its window's share
-                T* __restrict gx = grad_x + row * p.length;
-                std::fill(gx, gx + p.length, T(0));
-                for (int64_t j = 0; j < p.cells; ++j) {
-                    T* window = gx + j * p.stride - p.left;
-                    const T gj = g[j];
-                    if (j >= interior.first && j < interior.second) {
-                        for (int64_t t = 0; t < p.kernel; ++t) window[t] += gj * w[t];
-                    } else {
-                        for (int64_t t = 0; t < p.kernel; ++t)
-                            if (j >= bounds[2 * t] && j < bounds[2 * t + 1]) window[t] += gj * w[t];
-                    }
-                }
-            }
-            if (p.grad_weight) {  // per tap a dot product over its cells, into the chunk's own sums
-                T* sums = grad_weight.data() + chunk * taps + c * p.kernel;
-                for (int64_t t = 0; t < p.kernel; ++t) {
-                    const T* source = x_row + t - p.left;
-                    T total = 0;
-                    for (int64_t j = bounds[2 * t]; j < bounds[2 * t + 1]; ++j) total += g[j] * source[j * p.stride];
-                    sums[t] += total;
-                }
-            }
+            depthwise_row_backward(p, bounds, interior, x + row * p.length, weight + c * p.kernel,
+                                   grad_out + row * p.cells, grad_x ? grad_x + row * p.length : nullptr,
+                                   p.grad_weight ? grad_weight.data() + chunk * taps + c * p.kernel : nullptr,
+                                   p.grad_bias ? grad_bias.data() + chunk * p.channels + c : nullptr);
         }
     });
     if (p.grad_weight) {
@@ -880,6 +894,201 @@ template <typename T> void depthwise_backward(const DepthwiseProblem& p) {
         for (int64_t chunk = 0; chunk < chunks; ++chunk)
             for (int64_t c = 0; c < p.channels; ++c) target[c] += grad_bias[chunk * p.channels + c];
     }
+}
+
+// The offset network of deform_attn.offsets without a LayerNorm, in one pass per sequence s:
+//     offset[s][j] = scale * tanh(sum_c pointwise[c] * GELU(depthwise_c(x[s][c])[j]))
+// (without tanh when unbounded), GELU(a) = a Phi(a) with Phi the standard normal CDF. The hidden
+// activations, (channels, cells) per sequence, never leave the thread's scratch; the backward
+// pass recomputes them from x.
+struct OffsetProblem {
+    int64_t sequences, channels, length, cells, kernel, stride, left, threads, bounded;
+    double scale;
+    const void *x, *weight, *bias, *pointwise;  // (s, c, n), (c, kernel), (c,), (c,)
+    void* out;                                  // (s, m)
+    const void* grad_out;                       // (s, m)
+    void *grad_x, *grad_weight, *grad_bias, *grad_pointwise;  // any may be null
+};
+
+// Phi(a) and a phi(a) for a vector: GELU(a) = a Phi(a), GELU'(a) = Phi(a) + a phi(a).
+// float: Phi(a) = (1 + erf(a / sqrt 2)) / 2, with erf(z) = 2 / sqrt(pi) sum_k (-1)^k z^(2k+1) /
+// (k! (2k+1)) for |z| < 1 (twelve terms: truncation below 1e-10), and for |z| >= 1 erfc from
+// Numerical Recipes' Chebyshev fit (relative error below 1.2e-7, on values that either scale a
+// Phi near 1 or are themselves the small far tail).
+inline void normal_parts(vec<float> a, vec<float>& cdf, vec<float>& a_density) {
+    const vec<float> z = a * 0.707106781f;
+    const vec<float> u = z * z;
+    vec<float> series = splat(-1.08922376e-9f);
+    series = series * u + 1.31225329e-8f;
+    series = series * u - 1.45038522e-7f;
+    series = series * u + 1.45891690e-6f;
+    series = series * u - 1.32275132e-5f;
+    series = series * u + 1.06837607e-4f;
+    series = series * u - 7.57575758e-4f;
+    series = series * u + 4.62962963e-3f;
+    series = series * u - 2.38095238e-2f;
+    series = series * u + 0.1f;
+    series = series * u - 0.333333333f;
+    series = series * u + 1.0f;
+    const vec<float> near = (series * z) * 1.12837917f + 1.0f;  // 1 + erf(z)
+    const vec<float> magnitude = abs_vector<float>(z);
+    const vec<float> t = 1.0f / (magnitude * 0.5f + 1.0f);
+    vec<float> q = splat(0.17087277f);
+    q = q * t - 0.82215223f;
+    q = q * t + 1.48851587f;
+    q = q * t - 1.13520398f;
+    q = q * t + 0.27886807f;
+    q = q * t - 0.18628806f;
+    q = q * t + 0.09678418f;
+    q = q * t + 0.37409196f;
+    q = q * t + 1.00002368f;
+    q = q * t - 1.26551223f;
+    const vec<float> tail = t * exp_vector(q - u);  // erfc(|z|)
+    const vec<float> far = z < 0.0f ? tail : 2.0f - tail;  // 1 + erf(z) = erfc(-z)
+    cdf = (magnitude < 1.0f ? near : far) * 0.5f;
+    a_density = a * exp_vector(a * a * -0.5f) * 0.398942280f;
+}
+inline void normal_parts(vec<double> a, vec<double>& cdf, vec<double>& a_density) {
+    for (int lane = 0; lane < Simd<double>::width; ++lane) {
+        cdf[lane] = 0.5 * std::erfc(-a[lane] * 0.70710678118654752);
+        a_density[lane] = a[lane] * std::exp(-0.5 * a[lane] * a[lane]) * 0.39894228040143268;
+    }
+}
+
+inline DepthwiseProblem offset_convolution(const OffsetProblem& p) {
+    DepthwiseProblem conv{};
+    conv.rows = p.sequences * p.channels;
+    conv.channels = p.channels;
+    conv.length = p.length;
+    conv.cells = p.cells;
+    conv.kernel = p.kernel;
+    conv.stride = p.stride;
+    conv.left = p.left;
+    conv.threads = p.threads;
+    return conv;
+}
+
+// One sequence's hidden pre-activations (channels, padded) into `hidden` and sum_c w_c GELU(.)
+// into `raw` (padded); the padding lanes stay zero.
+template <typename T>
+void offset_hidden(const OffsetProblem& p, const DepthwiseProblem& conv, const std::vector<int64_t>& bounds,
+                   std::pair<int64_t, int64_t> interior, int64_t sequence, int64_t padded, T* hidden, T* raw) {
+    constexpr int W = Simd<T>::width;
+    const T* x = static_cast<const T*>(p.x);
+    const T* weight = static_cast<const T*>(p.weight);
+    const T* bias = static_cast<const T*>(p.bias);
+    const T* pointwise = static_cast<const T*>(p.pointwise);
+    std::fill(raw, raw + padded, T(0));
+    for (int64_t c = 0; c < p.channels; ++c) {
+        T* pre = hidden + c * padded;
+        std::fill(pre + p.cells, pre + padded, T(0));
+        depthwise_row(conv, bounds, interior, x + (sequence * p.channels + c) * p.length, weight + c * p.kernel,
+                      bias[c], pre);
+        const vec<T> w = splat(pointwise[c]);
+        for (int64_t j = 0; j < padded; j += W) {
+            vec<T> cdf, a_density;
+            const vec<T> a = load(pre + j);
+            normal_parts(a, cdf, a_density);
+            store(raw + j, load(raw + j) + w * (a * cdf));
+        }
+    }
+}
+
+template <typename T> void offsets_forward(const OffsetProblem& p) {
+    const DepthwiseProblem conv = offset_convolution(p);
+    const std::vector<int64_t> bounds = tap_cells(conv);
+    const auto interior = interior_cells(bounds, p.kernel);
+    const int64_t padded = round_up(p.cells, Simd<T>::width);
+    T* out = static_cast<T*>(p.out);
+    const T scale = T(p.scale);
+    struct Scratch {
+        Buffer<T> hidden, raw;
+    };
+    std::vector<Scratch> scratch(std::max<int64_t>(1, p.threads));
+    parallel_for(p.sequences, p.threads, [&](int64_t sequence, int64_t thread) {
+        Scratch& s = scratch[thread];
+        s.hidden.resize(p.channels * padded);
+        s.raw.resize(padded);
+        offset_hidden(p, conv, bounds, interior, sequence, padded, s.hidden.data(), s.raw.data());
+        for (int64_t j = 0; j < p.cells; ++j)
+            out[sequence * p.cells + j] = (p.bounded ? std::tanh(s.raw[j]) : s.raw[j]) * scale;
+    });
+}
+
+// Gradients of offsets_forward. The parameters' are summed per chunk of sequences, then over the
+// chunks in order: the same on any number of threads.
+template <typename T> void offsets_backward(const OffsetProblem& p) {
+    constexpr int W = Simd<T>::width;
+    const DepthwiseProblem conv = offset_convolution(p);
+    const std::vector<int64_t> bounds = tap_cells(conv);
+    const auto interior = interior_cells(bounds, p.kernel);
+    const int64_t padded = round_up(p.cells, W);
+    const T* x = static_cast<const T*>(p.x);
+    const T* weight = static_cast<const T*>(p.weight);
+    const T* pointwise = static_cast<const T*>(p.pointwise);
+    const T* grad_out = static_cast<const T*>(p.grad_out);
+    T* grad_x = static_cast<T*>(p.grad_x);
+    const T scale = T(p.scale);
+    // a fixed number of chunks, whatever the threads: the sums' order must not depend on them
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(p.sequences, 16));
+    const int64_t taps = p.channels * p.kernel;
+    std::vector<T> grad_weight(p.grad_weight ? chunks * taps : 0), grad_bias(p.grad_bias ? chunks * p.channels : 0);
+    std::vector<T> grad_pointwise(p.grad_pointwise ? chunks * p.channels : 0);
+    struct Scratch {
+        Buffer<T> hidden, raw, grad_raw, grad_pre;
+    };
+    std::vector<Scratch> scratch(std::max<int64_t>(1, p.threads));
+    parallel_for(chunks, p.threads, [&](int64_t chunk, int64_t thread) {
+        Scratch& s = scratch[thread];
+        s.hidden.resize(p.channels * padded);
+        s.raw.resize(padded);
+        s.grad_raw.assign(padded, T(0));
+        s.grad_pre.resize(padded);
+        for (int64_t sequence = chunk * p.sequences / chunks; sequence < (chunk + 1) * p.sequences / chunks; ++sequence) {
+            offset_hidden(p, conv, bounds, interior, sequence, padded, s.hidden.data(), s.raw.data());
+            for (int64_t j = 0; j < p.cells; ++j) {  // d offset / d raw
+                const T g = grad_out[sequence * p.cells + j] * scale;
+                if (p.bounded) {
+                    const T bounded = std::tanh(s.raw[j]);
+                    s.grad_raw[j] = g * (T(1) - bounded * bounded);
+                } else {
+                    s.grad_raw[j] = g;
+                }
+            }
+            for (int64_t c = 0; c < p.channels; ++c) {
+                const T* pre = s.hidden.data() + c * padded;
+                const vec<T> w = splat(pointwise[c]);
+                vec<T> pointwise_sum = {};
+                for (int64_t j = 0; j < padded; j += W) {
+                    vec<T> cdf, a_density;
+                    const vec<T> a = load(pre + j), g = load(s.grad_raw.data() + j);
+                    normal_parts(a, cdf, a_density);
+                    pointwise_sum += g * (a * cdf);
+                    store(s.grad_pre.data() + j, g * w * (cdf + a_density));
+                }
+                if (p.grad_pointwise) {
+                    T total = 0;
+                    for (int lane = 0; lane < W; ++lane) total += pointwise_sum[lane];
+                    grad_pointwise[chunk * p.channels + c] += total;
+                }
+                const int64_t row = sequence * p.channels + c;
+                depthwise_row_backward(conv, bounds, interior, x + row * p.length, weight + c * p.kernel,
+                                       s.grad_pre.data(), grad_x ? grad_x + row * p.length : nullptr,
+                                       p.grad_weight ? grad_weight.data() + chunk * taps + c * p.kernel : nullptr,
+                                       p.grad_bias ? grad_bias.data() + chunk * p.channels + c : nullptr);
+            }
+        }
+    });
+    auto reduce = [&](const std::vector<T>& sums, void* target_pointer, int64_t size) {
+        if (!target_pointer) return;
+        T* target = static_cast<T*>(target_pointer);
+        std::fill(target, target + size, T(0));
+        for (int64_t chunk = 0; chunk < chunks; ++chunk)
+            for (int64_t i = 0; i < size; ++i) target[i] += sums[chunk * size + i];
+    };
+    reduce(grad_weight, p.grad_weight, taps);
+    reduce(grad_bias, p.grad_bias, p.channels);
+    reduce(grad_pointwise, p.grad_pointwise, p.channels);
 }
 
 // Linear sampling of each row's channels at fractional positions (deform_attn.sampling): for a
@@ -986,7 +1195,7 @@ template <typename T> void sample_backward(const SampleProblem& p) {
 }  // namespace
 
 extern "C" {
-int deform_attn_fused_abi() { return 6; }
+int deform_attn_fused_abi() { return 7; }
 void deform_attn_fused_forward_f32(const Problem* p) { forward<float>(*p); }
 void deform_attn_fused_forward_f64(const Problem* p) { forward<double>(*p); }
 void deform_attn_fused_backward_f32(const Problem* p) { backward<float>(*p); }
@@ -995,6 +1204,10 @@ void deform_attn_depthwise_forward_f32(const DepthwiseProblem* p) { depthwise_fo
 void deform_attn_depthwise_forward_f64(const DepthwiseProblem* p) { depthwise_forward<double>(*p); }
 void deform_attn_depthwise_backward_f32(const DepthwiseProblem* p) { depthwise_backward<float>(*p); }
 void deform_attn_depthwise_backward_f64(const DepthwiseProblem* p) { depthwise_backward<double>(*p); }
+void deform_attn_offsets_forward_f32(const OffsetProblem* p) { offsets_forward<float>(*p); }
+void deform_attn_offsets_forward_f64(const OffsetProblem* p) { offsets_forward<double>(*p); }
+void deform_attn_offsets_backward_f32(const OffsetProblem* p) { offsets_backward<float>(*p); }
+void deform_attn_offsets_backward_f64(const OffsetProblem* p) { offsets_backward<double>(*p); }
 void deform_attn_sample_forward_f32(const SampleProblem* p) { sample_forward<float>(*p); }
 void deform_attn_sample_forward_f64(const SampleProblem* p) { sample_forward<double>(*p); }
 void deform_attn_sample_backward_f32(const SampleProblem* p) { sample_backward<float>(*p); }
