@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels.fused import (
-    depthwise_available,
     depthwise_backward,
     depthwise_forward,
+    loops_available,
     offsets_backward,
     offsets_forward,
+    tensor_path_grads,
 )
 
 __all__ = [
@@ -161,7 +162,7 @@ class _StridedDepthwiseConv(torch.autograd.Function):
 
 def _compiled_depthwise(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
     """Whether the compiled loops of ``fused_cpu.cpp`` take this convolution (fp32/fp64 on the CPU)."""
-    return weight.dtype == bias.dtype == x.dtype and depthwise_available(x)
+    return loops_available(x, weight, bias)
 
 
 def _depthwise_without_grad(x: Tensor, weight: Tensor, bias: Tensor, stride: int, left: int, right: int,
@@ -192,11 +193,16 @@ def strided_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor, stride: int,
     return _StridedDepthwiseConv.apply(x, weight, bias, stride, left, right)
 
 
+def _offset_head(hidden: Tensor, pointwise: Tensor, bounded: bool, scale: float) -> Tensor:
+    """Hidden activations (b g, d, m) -> offsets (b g, m): the pointwise product, tanh and scale."""
+    # a matrix product, not conv1d: one output channel through mkldnn costs more than it computes
+    raw = torch.matmul(pointwise[None, :], hidden).squeeze(1)  # (bg, 1, m) -> (bg, m)
+    return (torch.tanh(raw) if bounded else raw) * scale
+
+
 def _offsets_with_tensors(x, weight, bias, pointwise, stride: int, left: int, right: int, bounded: bool, scale):
     """The offset network without a LayerNorm in tensor operations (differentiable twice)."""
-    hidden = F.gelu(strided_depthwise_conv(x, weight, bias, stride, left, right))
-    raw = torch.matmul(pointwise[None, :], hidden).squeeze(1)
-    return (torch.tanh(raw) if bounded else raw) * scale
+    return _offset_head(F.gelu(strided_depthwise_conv(x, weight, bias, stride, left, right)), pointwise, bounded, scale)
 
 
 class _CompiledOffsets(torch.autograd.Function):
@@ -224,11 +230,10 @@ class _CompiledOffsets(torch.autograd.Function):
         if not torch.is_grad_enabled():
             grads = offsets_backward(*inputs, grad_out.contiguous(), stride, left, bounded, scale, needs)
             return (*grads, None, None, None, None, None)
-        # a second derivative: differentiate the tensor path, whose graph reaches the inputs
-        wanted = [t for t, need in zip(inputs, needs) if need]
-        out = _offsets_with_tensors(*inputs, stride, left, right, bounded, scale)
-        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
-        return (*(next(grads) if need else None for need in needs), None, None, None, None, None)
+        def tensor_path(*parts):
+            return _offsets_with_tensors(*parts, stride, left, right, bounded, scale)
+
+        return (*tensor_path_grads(tensor_path, inputs, needs, grad_out), None, None, None, None, None)
 
 
 class OffsetNetwork(nn.Module):
@@ -300,20 +305,13 @@ class OffsetNetwork(nn.Module):
         if self._compiled(*parts):
             return _CompiledOffsets.apply(*parts, self.downsample_factor, left, right, self.bounded, self.offset_scale)
         hidden = self.activation(self.norm(self.depthwise_conv(grouped_queries, padding)))
-        # a matrix product, not conv1d: one output channel through mkldnn costs more than it computes
-        raw = torch.matmul(self.pointwise.weight[:, :, 0], hidden).squeeze(1)  # (bg, 1, m) -> (bg, m)
-        if self.bounded:
-            raw = torch.tanh(raw)
-        return raw * self.offset_scale
+        return _offset_head(hidden, parts[3], self.bounded, self.offset_scale)
 
     def _compiled(self, x: Tensor, *parameters: Tensor) -> bool:
-        """Whether the whole network runs in one compiled call: no LayerNorm, exact GELU, the CPU in
-        fp32 or fp64 with parameters of x's dtype, not traced."""
-        if torch.compiler.is_exporting() or torch.compiler.is_compiling():
-            return False
+        """Whether the whole network runs in one compiled call: no LayerNorm, exact GELU, and
+        inputs the compiled loops take (:func:`deform_attn.kernels.fused.loops_available`)."""
         plain = isinstance(self.norm, nn.Identity) and type(self.activation) is nn.GELU
-        return (plain and self.activation.approximate == "none" and all(p.dtype == x.dtype for p in parameters)
-                and depthwise_available(x))
+        return plain and self.activation.approximate == "none" and loops_available(x, *parameters)
 
 
 class ZeroOffsets(nn.Module):

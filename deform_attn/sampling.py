@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .geometry import normalize_positions
-from .kernels.fused import sample_available, sample_backward, sample_forward
+from .kernels.fused import loops_available, sample_backward, sample_forward, tensor_path_grads
 
 __all__ = ["linear_sample_1d", "linear_sample_1d_tensors", "linear_sample_1d_reference"]
 
@@ -59,7 +59,7 @@ def linear_sample_1d(values: Tensor, positions: Tensor) -> Tensor:
     """
     _check_sample_inputs(values, positions)
     positions = positions.to(torch.promote_types(positions.dtype, values.dtype))
-    if _compiled_sampling(values, positions):
+    if loops_available(values, positions):
         return _CompiledLinearSample.apply(values, positions)
     return _sample_with_tensors(values, positions)
 
@@ -88,13 +88,6 @@ def _sample_with_tensors(values: Tensor, positions: Tensor) -> Tensor:
     return torch.addcmul(left * weights[:, None, 0], right, weights[:, None, 1])
 
 
-def _compiled_sampling(values: Tensor, positions: Tensor) -> bool:
-    """Whether the compiled loops take this call: CPU, one dtype (fp32/fp64), not traced."""
-    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
-        return False
-    return sample_available(values, positions)
-
-
 class _CompiledLinearSample(torch.autograd.Function):
     """:func:`linear_sample_1d` through the compiled loops.
 
@@ -115,10 +108,7 @@ class _CompiledLinearSample(torch.autograd.Function):
         values, positions = ctx.saved_tensors
         if not torch.is_grad_enabled():
             return sample_backward(values, positions, grad_out.contiguous(), ctx.needs_input_grad[:2])
-        # a second derivative: differentiate the tensor path, whose graph reaches the inputs
-        wanted = [t for t, needed in zip((values, positions), ctx.needs_input_grad) if needed]
-        grads = iter(torch.autograd.grad(_sample_with_tensors(values, positions), wanted, grad_out, create_graph=True))
-        return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:2])
+        return tensor_path_grads(_sample_with_tensors, (values, positions), ctx.needs_input_grad[:2], grad_out)
 
 
 def linear_sample_1d_reference(values: Tensor, positions: Tensor) -> Tensor:

@@ -46,9 +46,9 @@ from .piecewise import check_kernel_arguments
 from .sdpa import check_causal_arguments
 
 __all__ = [
-    "fused_biased_attention", "fused_available", "fused_unavailable_reason", "SOURCE", "depthwise_available",
-    "depthwise_forward", "depthwise_backward", "sample_available", "sample_forward", "sample_backward",
-    "offsets_forward", "offsets_backward",
+    "fused_biased_attention", "fused_available", "fused_unavailable_reason", "SOURCE", "loops_available",
+    "depthwise_forward", "depthwise_backward", "sample_forward", "sample_backward", "offsets_forward",
+    "offsets_backward", "tensor_path_grads",
 ]
 
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
@@ -416,12 +416,35 @@ def fused_biased_attention(
     return _FusedBiasedAttention.apply(q, k, v, coordinates, slopes, intercepts, null_k, null_v, rows)
 
 
+# ---------------------------------------------------------------------------- the compiled loops
+
+
+def loops_available(*tensors: Tensor) -> bool:
+    """Whether the compiled loops below (depthwise convolution, offset network, sampler) take these
+    tensors: all on the CPU in one dtype, float32 or float64, outside ``torch.compile`` and
+    ``torch.export`` tracing (which see tensor operations only), and the library loaded."""
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        return False
+    dtype = tensors[0].dtype
+    return (
+        dtype in (torch.float32, torch.float64) and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+        and fused_available()
+    )
+
+
+def tensor_path_grads(function, inputs: tuple[Tensor, ...], needs: tuple[bool, ...], grad_out: Tensor):
+    """Gradients of ``function(*inputs)`` for the inputs in ``needs`` (``None`` elsewhere), with a graph.
+
+    The compiled loops have no second derivative: their autograd functions call this from the
+    backward pass when a graph is asked for, with ``function`` their tensor path, whose graph
+    reaches the inputs.
+    """
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    grads = iter(torch.autograd.grad(function(*inputs), wanted, grad_out, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
 # ---------------------------------------------------------------------------- the offset network's convolution
-
-
-def depthwise_available(x: Tensor) -> bool:
-    """Whether :func:`depthwise_forward` takes ``x``: the library is loaded, x is on the CPU, fp32 or fp64."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and fused_available()
 
 
 def _depthwise_problem(x: Tensor, weight: Tensor, stride: int, left: int, cells: int) -> _DepthwiseProblem:
@@ -436,7 +459,7 @@ def depthwise_forward(x: Tensor, weight: Tensor, bias: Tensor, stride: int, left
     """The strided depthwise convolution of :func:`deform_attn.offsets.strided_depthwise_conv` in C++.
 
     Args:
-        x: (batch, channels, n), contiguous, on the CPU, fp32 or fp64 (:func:`depthwise_available`).
+        x: (batch, channels, n), contiguous, on the CPU, fp32 or fp64 (:func:`loops_available`).
         weight: (channels, kernel_size); bias: (channels,); both of x's dtype and contiguous.
         stride: tokens per cell; left: zero padding on the left, in tokens; cells: output length.
 
@@ -488,7 +511,7 @@ def offsets_forward(
 
     Args:
         x: (sequences, channels, n) queries of each offset group, contiguous, fp32 or fp64 on
-            the CPU (:func:`depthwise_available`).
+            the CPU (:func:`loops_available`).
         weight: (channels, kernel_size), bias: (channels,): the depthwise convolution's.
         pointwise: (channels,) the pointwise convolution's weight. All of x's dtype, contiguous.
         stride: tokens per cell; left: zero padding on the left, in tokens; cells: offsets per
@@ -523,14 +546,6 @@ def offsets_backward(
 # ---------------------------------------------------------------------------- linear sampling
 
 
-def sample_available(x: Tensor, positions: Tensor) -> bool:
-    """Whether :func:`sample_forward` takes these: the library is loaded, both on the CPU, one dtype, fp32 or fp64."""
-    return (
-        x.device.type == "cpu" and positions.device.type == "cpu" and x.dtype == positions.dtype
-        and x.dtype in (torch.float32, torch.float64) and fused_available()
-    )
-
-
 def _sample_problem(x: Tensor, positions: Tensor) -> _SampleProblem:
     rows, channels, length = x.shape
     return _SampleProblem(
@@ -544,7 +559,7 @@ def sample_forward(x: Tensor, positions: Tensor) -> Tensor:
 
     Args:
         x: (batch, channels, n), contiguous; positions: (batch, m), contiguous, of x's dtype
-            (:func:`sample_available`).
+            (:func:`loops_available`).
 
     Returns:
         (batch, channels, m).

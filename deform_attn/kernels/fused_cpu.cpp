@@ -88,6 +88,13 @@ template <typename T> inline vec<T> load(const T* p) {
 template <typename T> inline void store(T* p, vec<T> v) { std::memcpy(p, &v, sizeof v); }
 template <typename T> inline vec<T> splat(T x) { return vec<T>{} + x; }
 
+// c[0] x^(N-1) + c[1] x^(N-2) + ... + c[N-1] for a float vector, by Horner's rule.
+template <size_t N> inline vec<float> polynomial(vec<float> x, const float (&c)[N]) {
+    vec<float> p = splat(c[0]);
+    for (size_t i = 1; i < N; ++i) p = p * x + c[i];
+    return p;
+}
+
 // exp(x) for a float vector: 2^k e^r with |r| <= ln2 / 2 and a degree-7 Taylor polynomial
 // (relative error ~5e-9 before rounding); 0 below -87.3 (and for -inf).
 inline vec<float> exp_vector(vec<float> x) {
@@ -96,14 +103,8 @@ inline vec<float> exp_vector(vec<float> x) {
     const vec<float> shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
     const vec<float> k = (clamped * 1.44269504f + shifter) - shifter;
     const vec<float> r = (clamped - k * 0.693145752f) - k * 1.42860677e-6f;  // ln 2 in two parts
-    vec<float> p = splat(1.0f / 5040.0f);
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    const vec<float> p = polynomial(
+        r, {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f});
     const Simd<float>::itype exponent = (__builtin_convertvector(k, Simd<float>::itype) + 127) << 23;
     const vec<float> result = p * (vec<float>)exponent;
     return x < lowest ? splat(0.0f) : result;
@@ -122,15 +123,9 @@ inline vec<float> log1p_vector(vec<float> a) {
     m = high ? m * 0.5f : m;
     exponent = high ? exponent + 1 : exponent;
     const vec<float> x = m - 1.0f;
-    vec<float> q = splat(8.744053150e-02f);
-    q = q * x - 1.437750502e-01f;
-    q = q * x + 1.494913487e-01f;
-    q = q * x - 1.656067529e-01f;
-    q = q * x + 1.995697187e-01f;
-    q = q * x - 2.500215415e-01f;
-    q = q * x + 3.333418350e-01f;
-    q = q * x - 4.999998703e-01f;
-    q = q * x + 9.999999743e-01f;
+    const vec<float> q = polynomial(
+        x, {8.744053150e-02f, -1.437750502e-01f, 1.494913487e-01f, -1.656067529e-01f, 1.995697187e-01f,
+            -2.500215415e-01f, 3.333418350e-01f, -4.999998703e-01f, 9.999999743e-01f});
     return __builtin_convertvector(exponent, vec<float>) * 0.693147181f + x * q;
 }
 
@@ -918,31 +913,15 @@ struct OffsetProblem {
 inline void normal_parts(vec<float> a, vec<float>& cdf, vec<float>& a_density) {
     const vec<float> z = a * 0.707106781f;
     const vec<float> u = z * z;
-    vec<float> series = splat(-1.08922376e-9f);
-    series = series * u + 1.31225329e-8f;
-    series = series * u - 1.45038522e-7f;
-    series = series * u + 1.45891690e-6f;
-    series = series * u - 1.32275132e-5f;
-    series = series * u + 1.06837607e-4f;
-    series = series * u - 7.57575758e-4f;
-    series = series * u + 4.62962963e-3f;
-    series = series * u - 2.38095238e-2f;
-    series = series * u + 0.1f;
-    series = series * u - 0.333333333f;
-    series = series * u + 1.0f;
+    const vec<float> series = polynomial(
+        u, {-1.08922376e-9f, 1.31225329e-8f, -1.45038522e-7f, 1.45891690e-6f, -1.32275132e-5f, 1.06837607e-4f,
+            -7.57575758e-4f, 4.62962963e-3f, -2.38095238e-2f, 0.1f, -0.333333333f, 1.0f});
     const vec<float> near = (series * z) * 1.12837917f + 1.0f;  // 1 + erf(z)
     const vec<float> magnitude = abs_vector<float>(z);
     const vec<float> t = 1.0f / (magnitude * 0.5f + 1.0f);
-    vec<float> q = splat(0.17087277f);
-    q = q * t - 0.82215223f;
-    q = q * t + 1.48851587f;
-    q = q * t - 1.13520398f;
-    q = q * t + 0.27886807f;
-    q = q * t - 0.18628806f;
-    q = q * t + 0.09678418f;
-    q = q * t + 0.37409196f;
-    q = q * t + 1.00002368f;
-    q = q * t - 1.26551223f;
+    const vec<float> q = polynomial(
+        t, {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f, -0.18628806f, 0.09678418f,
+            0.37409196f, 1.00002368f, -1.26551223f});
     const vec<float> tail = t * exp_vector(q - u);  // erfc(|z|)
     const vec<float> far = z < 0.0f ? tail : 2.0f - tail;  // 1 + erf(z) = erfc(-z)
     cdf = (magnitude < 1.0f ? near : far) * 0.5f;
