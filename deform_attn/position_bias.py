@@ -35,6 +35,7 @@ __all__ = [
     "transform_distance",
     "inverse_transform_distance",
     "piecewise_linear_table",
+    "piecewise_linear_table_tensors",
     "piecewise_linear_bias",
     "table_bias_function",
 ]
@@ -133,27 +134,29 @@ def _affine_pieces(linears: list[nn.Linear], points: Tensor, dtype: torch.dtype)
     return slopes, intercepts
 
 
-def _find_kinks(linears: list[nn.Linear]) -> Tensor:
-    """Sorted kinks of the ReLU MLP ``linears`` (ReLU after all but the last), in float64.
-
-    Computed in NumPy on a float64 copy of the weights: a few dozen operations on arrays of a few
-    hundred numbers, where each torch call's overhead would cost more than its work (the table is
-    rebuilt at every training step). The number of kinks depends on the weights, so under
-    ``torch.compile`` this part runs eagerly; the table built from it compiles.
-    """
+def _float64_layers(linears: list[nn.Linear]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(weight, bias) of each layer as float64 NumPy arrays on the CPU."""
     with torch.no_grad():
-        layers = [
+        return [
             (layer.weight.detach().to("cpu", torch.float64).numpy(), layer.bias.detach().to("cpu", torch.float64).numpy())
             for layer in linears
         ]
+
+
+def _interval_points(kinks: np.ndarray) -> np.ndarray:
+    """:func:`_representative_points` in NumPy."""
+    if kinks.size == 0:
+        return np.zeros(1)
+    return np.concatenate([kinks[:1] - (1 + abs(kinks[0])), (kinks[:-1] + kinks[1:]) / 2,
+                           kinks[-1:] + (1 + abs(kinks[-1]))])
+
+
+def _kinks_of_layers(layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Sorted kinks of the ReLU MLP given as float64 (weight, bias) arrays."""
     kinks = np.zeros(0)
     for depth in range(1, len(layers)):
         # pre-activations of layer `depth - 1`'s units are affine on each current interval
-        if kinks.size == 0:
-            points = np.zeros(1)
-        else:
-            points = np.concatenate([kinks[:1] - (1 + abs(kinks[0])), (kinks[:-1] + kinks[1:]) / 2,
-                                     kinks[-1:] + (1 + abs(kinks[-1]))])
+        points = _interval_points(kinks)
         slopes = np.broadcast_to(layers[0][0][:, 0], (points.size, layers[0][0].shape[0]))
         intercepts = np.broadcast_to(layers[0][1], slopes.shape)
         for weight, bias in layers[1:depth]:
@@ -165,7 +168,68 @@ def _find_kinks(linears: list[nn.Linear]) -> Tensor:
             crossing = -intercepts / np.where(slopes != 0, slopes, 1.0)
         inside = (slopes != 0) & (crossing > lower) & (crossing < upper)
         kinks = np.unique(np.concatenate([kinks, crossing[inside]]))  # sorted, ties merged
-    return torch.from_numpy(kinks).to(linears[0].weight.device)
+    return kinks
+
+
+def _find_kinks(linears: list[nn.Linear]) -> Tensor:
+    """Sorted kinks of the ReLU MLP ``linears`` (ReLU after all but the last), in float64.
+
+    Computed in NumPy on a float64 copy of the weights: a few dozen operations on arrays of a few
+    hundred numbers, where each torch call's overhead would cost more than its work (the table is
+    rebuilt at every training step). The number of kinks depends on the weights, so under
+    ``torch.compile`` this part runs eagerly; the table built from it compiles.
+    """
+    return torch.from_numpy(_kinks_of_layers(_float64_layers(linears))).to(linears[0].weight.device)
+
+
+class _CompiledTable(torch.autograd.Function):
+    r"""The table in one C++ call each way (:func:`deform_attn.kernels.fused.table_forward`).
+
+    Through torch operations the table took ~20 small operations each way (~0.45 ms forward and
+    ~0.25 ms backward for the default layer's MLP, rebuilt at every training step), more than the
+    attention kernel's own forward at batch 64, n = 40. With the activation pattern :math:`A_l`
+    of an interval fixed, layer :math:`l` maps the slope and intercept rows :math:`(s, c)` to
+    :math:`((s \odot A_l) W_l^\top, (c \odot A_l) W_l^\top + b_l)`, so the backward pass is,
+    per interval, :math:`\partial W_l \mathrel{+}= \bar s^\top (s \odot A_l) + \bar c^\top (c \odot A_l)`,
+    :math:`\partial b_l \mathrel{+}= \bar c`, then
+    :math:`(\bar s, \bar c) \leftarrow ((\bar s W_l) \odot A_l, (\bar c W_l) \odot A_l)`.
+    """
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *parameters: Tensor):
+        from .kernels.fused import table_forward
+
+        weights, biases = [p.contiguous() for p in parameters[0::2]], [p.contiguous() for p in parameters[1::2]]
+        kinks, slopes, intercepts = table_forward(weights, biases)
+        ctx.save_for_backward(kinks, *weights, *biases)
+        outputs = kinks.to(dtype), slopes.to(dtype), intercepts.to(dtype)
+        ctx.mark_non_differentiable(outputs[0])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_kinks, grad_slopes, grad_intercepts):
+        from .kernels.fused import table_backward
+
+        if torch.is_grad_enabled():  # create_graph=True: the C++ gradient has no graph
+            raise RuntimeError(
+                "the position bias's table cannot be differentiated twice; use "
+                "Implementation(kernel='sdpa', position_bias='mlp') for gradient penalties or Hessians"
+            )
+        kinks, *parameters = ctx.saved_tensors
+        layers = len(parameters) // 2
+        weights, biases = parameters[:layers], parameters[layers:]
+        grads = [None if g is None else g.to(torch.float64).contiguous() for g in (grad_slopes, grad_intercepts)]
+        grad_weights, grad_biases = table_backward(weights, biases, kinks, *grads)
+        return (None, *(g for pair in zip(grad_weights, grad_biases) for g in pair))
+
+
+def _table_compiled(linears: list[nn.Linear], dtype: torch.dtype) -> bool:
+    """Whether :class:`_CompiledTable` builds the table: eager mode, the parameters on the CPU
+    in one dtype (float32 or float64), the compiled library loaded."""
+    from .kernels.fused import loops_available
+
+    parameters = [tensor for layer in linears for tensor in (layer.weight, layer.bias)]
+    return dtype in (torch.float32, torch.float64) and all(p is not None for p in parameters) and loops_available(*parameters)
 
 
 def piecewise_linear_table(linears: list[nn.Linear], dtype: torch.dtype) -> PiecewiseLinearTable:
@@ -180,7 +244,20 @@ def piecewise_linear_table(linears: list[nn.Linear], dtype: torch.dtype) -> Piec
         kinks (k,), sorted; slopes (k + 1, o) and intercepts (k + 1, o), where row ``i`` holds
         the MLP on the interval ``(kinks[i - 1], kinks[i]]`` (open-ended at both extremes).
         Slopes and intercepts carry autograd to the MLP's parameters.
+
+    On the CPU in eager mode the table is computed in float64 in C++, one autograd node
+    (:class:`_CompiledTable`); elsewhere (other devices or dtypes, ``torch.compile``,
+    ``torch.export``, no compiled library) by torch operations
+    (:func:`piecewise_linear_table_tensors`) in ``dtype`` or the weights' dtype, whichever is wider.
     """
+    if _table_compiled(linears, dtype):
+        parameters = [tensor for layer in linears for tensor in (layer.weight, layer.bias)]
+        return PiecewiseLinearTable(*_CompiledTable.apply(dtype, *parameters))
+    return piecewise_linear_table_tensors(linears, dtype)
+
+
+def piecewise_linear_table_tensors(linears: list[nn.Linear], dtype: torch.dtype) -> PiecewiseLinearTable:
+    """:func:`piecewise_linear_table` through torch operations, on any device and under tracing."""
     kinks = _find_kinks(linears)
     points = _representative_points(kinks)  # constants: the pattern, not its position, matters
     device_type = linears[0].weight.device.type

@@ -15,6 +15,8 @@ import torch
 from conftest import max_relative_error
 
 from deform_attn import ContinuousPositionBias, piecewise_linear_table, signed_log_distance
+from deform_attn.kernels import fused_available
+from deform_attn.position_bias import piecewise_linear_table_tensors
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -309,3 +311,80 @@ def test_second_derivatives_are_exact_or_refused():
         assert "twice" in str(error)  # @once_differentiable's refusal
         return
     assert exact
+
+
+# ---------------------------------------------------------------------------- the compiled table
+
+
+def _table_parameters(cpb: ContinuousPositionBias) -> list[torch.Tensor]:
+    return [tensor for layer in cpb.linears for tensor in (layer.weight, layer.bias)]
+
+
+@pytest.mark.skipif(not fused_available(), reason="compiled library unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["init", "scaled", "trained"])
+def test_compiled_table_matches_tensor_path(kind, depth, dtype):
+    """The C++ table (float64 inside) against the torch operations: kinks, slopes, intercepts and
+    the gradients of a weighted sum of them for every parameter."""
+    from deform_attn.position_bias import _table_compiled
+
+    cpb = make_cpb(kind, depth=depth, num_outputs=3, dtype=dtype)
+    linears = list(cpb.linears)
+    assert _table_compiled(linears, dtype)  # otherwise both sides below take the same path
+    compiled = piecewise_linear_table(linears, dtype)
+    tensors = piecewise_linear_table_tensors(linears, dtype)
+    assert compiled.kinks.dtype == compiled.slopes.dtype == dtype
+    torch.testing.assert_close(compiled.kinks, tensors.kinks, rtol=VALUE_TOL[dtype], atol=VALUE_TOL[dtype])
+    for ours, theirs in ((compiled.slopes, tensors.slopes), (compiled.intercepts, tensors.intercepts)):
+        assert max_relative_error(ours, theirs) < VALUE_TOL[dtype]
+    generator = torch.Generator().manual_seed(3)
+    weight_slopes = torch.randn(tensors.slopes.shape, generator=generator, dtype=dtype)
+    weight_intercepts = torch.randn(tensors.slopes.shape, generator=generator, dtype=dtype)
+    grads = [
+        torch.autograd.grad((table.slopes * weight_slopes).sum() + (table.intercepts * weight_intercepts).sum(),
+                            _table_parameters(cpb))
+        for table in (compiled, tensors)
+    ]
+    for ours, theirs in zip(*grads):
+        assert ours.dtype == dtype
+        assert max_relative_error(ours, theirs) < GRAD_TOL[dtype]
+
+
+@pytest.mark.skipif(not fused_available(), reason="compiled library unavailable")
+def test_compiled_table_edge_cases():
+    """More kinks than the first buffer holds (the call repeats), units without kinks (zero
+    first-layer weight), tied kinks, a gradient for the slopes only, and a second derivative refused."""
+    from deform_attn.kernels.fused import table_forward
+
+    cpb = make_cpb("scaled", hidden_dim=12, depth=2, num_outputs=2)
+    with torch.no_grad():
+        cpb.linears[0].weight[:3] = 0  # three units constant in t: no kink
+        cpb.linears[0].weight[3:5] = 1.0  # two units with the same kink
+        cpb.linears[0].bias[3:5] = 0.5
+    weights = [layer.weight.detach() for layer in cpb.linears]
+    biases = [layer.bias.detach() for layer in cpb.linears]
+    tensors = piecewise_linear_table_tensors(list(cpb.linears), torch.float64)
+    assert tensors.kinks.numel() > 2
+    kinks, slopes, intercepts = table_forward(weights, biases, capacity=1)  # too small at first
+    torch.testing.assert_close(kinks, tensors.kinks, rtol=1e-12, atol=1e-12)
+    assert max_relative_error(slopes, tensors.slopes) < 1e-12
+    assert max_relative_error(intercepts, tensors.intercepts) < 1e-12
+    compiled = piecewise_linear_table(list(cpb.linears), torch.float64)
+    ours = torch.autograd.grad(compiled.slopes.sum(), _table_parameters(cpb))
+    theirs = torch.autograd.grad(tensors.slopes.sum(), _table_parameters(cpb), allow_unused=True)
+    for mine, reference in zip(ours, theirs):
+        assert max_relative_error(mine, torch.zeros_like(mine) if reference is None else reference) < 1e-10
+    compiled = piecewise_linear_table(list(cpb.linears), torch.float64)
+    with pytest.raises(RuntimeError, match="twice"):
+        torch.autograd.grad(compiled.intercepts.sum(), _table_parameters(cpb), create_graph=True)
+
+
+def test_table_takes_tensor_path_where_the_loops_cannot():
+    """bfloat16 parameters (and other devices) are built by torch operations, in the wider dtype."""
+    from deform_attn.position_bias import _table_compiled
+
+    cpb = make_cpb("init", depth=2, num_outputs=2, dtype=torch.float32).to(torch.bfloat16)
+    assert not _table_compiled(list(cpb.linears), torch.float32)
+    table = piecewise_linear_table(list(cpb.linears), torch.float32)
+    assert table.slopes.dtype == torch.float32 and table.slopes.requires_grad

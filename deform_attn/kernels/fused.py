@@ -48,11 +48,11 @@ from .sdpa import check_causal_arguments
 __all__ = [
     "fused_biased_attention", "fused_available", "fused_unavailable_reason", "SOURCE", "loops_available",
     "depthwise_forward", "depthwise_backward", "sample_forward", "sample_backward", "offsets_forward",
-    "offsets_backward", "tensor_path_grads",
+    "offsets_backward", "tensor_path_grads", "table_forward", "table_backward",
 ]
 
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
-_ABI = 7
+_ABI = 8
 _BLOCK = 32  # kBlock of fused_cpu.cpp
 # -fopenmp first: the library then runs on PyTorch's own OpenMP threads (see fused_cpu.cpp)
 _FLAG_SETS = (
@@ -125,6 +125,19 @@ class _SampleProblem(ctypes.Structure):
     ]
 
 
+class _TableProblem(ctypes.Structure):
+    """The C struct ``TableProblem`` of ``fused_cpu.cpp``, field for field."""
+
+    _fields_ = [
+        ("layers", ctypes.c_int64), ("widths", ctypes.POINTER(ctypes.c_int64)),
+        ("weights", ctypes.POINTER(ctypes.c_void_p)), ("biases", ctypes.POINTER(ctypes.c_void_p)),
+        ("capacity", ctypes.c_int64), ("kinks", ctypes.c_void_p), ("slopes", ctypes.c_void_p),
+        ("intercepts", ctypes.c_void_p), ("count", ctypes.c_int64), ("grad_slopes", ctypes.c_void_p),
+        ("grad_intercepts", ctypes.c_void_p), ("grad_weights", ctypes.POINTER(ctypes.c_void_p)),
+        ("grad_biases", ctypes.POINTER(ctypes.c_void_p)),
+    ]
+
+
 def _cache_directory() -> Path:
     root = os.environ.get("DEFORM_ATTN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deform_attn")
     return Path(root) / "kernels"
@@ -190,6 +203,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                 getattr(library, f"deform_attn_depthwise_{name}_{suffix}").argtypes = [ctypes.POINTER(_DepthwiseProblem)]
                 getattr(library, f"deform_attn_sample_{name}_{suffix}").argtypes = [ctypes.POINTER(_SampleProblem)]
                 getattr(library, f"deform_attn_offsets_{name}_{suffix}").argtypes = [ctypes.POINTER(_OffsetProblem)]
+                getattr(library, f"deform_attn_table_{name}_{suffix}").argtypes = [ctypes.POINTER(_TableProblem)]
         return library, ""
     return None, "compiling fused_cpu.cpp failed: " + " | ".join(errors)
 
@@ -586,3 +600,70 @@ def sample_backward(
     problem.grad_x, problem.grad_positions = _pointer(grad_x), _pointer(grad_positions)
     getattr(_load()[0], f"deform_attn_sample_backward_{_suffix(x.dtype)}")(ctypes.byref(problem))
     return grad_x, grad_positions
+
+
+# ---------------------------------------------------------------------------- the position bias's table
+
+
+def _table_problem(weights: list[Tensor], biases: list[Tensor]) -> tuple[_TableProblem, list]:
+    """The problem of an MLP given by its layers' (contiguous) weights and biases, and the ctypes
+    arrays it points into (keep them alive while it is used)."""
+    widths = (ctypes.c_int64 * (len(weights) + 1))(weights[0].shape[1], *(w.shape[0] for w in weights))
+    weight_pointers = (ctypes.c_void_p * len(weights))(*(w.data_ptr() for w in weights))
+    bias_pointers = (ctypes.c_void_p * len(biases))(*(b.data_ptr() for b in biases))
+    problem = _TableProblem(layers=len(weights), widths=widths, weights=weight_pointers, biases=bias_pointers)
+    return problem, [widths, weight_pointers, bias_pointers]
+
+
+def table_forward(weights: list[Tensor], biases: list[Tensor], capacity: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """Kinks (k,), slopes and intercepts (k + 1, o) of a ReLU MLP of one scalar, in float64, in C++.
+
+    Args:
+        weights, biases: per linear layer, (out, in) and (out,), contiguous, all of one dtype
+            (float32 or float64) on the CPU (:func:`loops_available`); the first layer has one
+            input, and a ReLU follows every layer but the last.
+        capacity: kinks to make room for first; the call repeats with room for all if more.
+
+    No gradients: :class:`deform_attn.position_bias.piecewise_linear_table` attaches them.
+    """
+    suffix = _suffix(weights[0].dtype)
+    problem, keep = _table_problem(weights, biases)
+    outputs = weights[-1].shape[0]
+    while True:
+        kinks = torch.empty(capacity, dtype=torch.float64)
+        slopes = torch.empty(capacity + 1, outputs, dtype=torch.float64)
+        intercepts = torch.empty(capacity + 1, outputs, dtype=torch.float64)
+        problem.capacity = capacity
+        problem.kinks, problem.slopes, problem.intercepts = kinks.data_ptr(), slopes.data_ptr(), intercepts.data_ptr()
+        getattr(_load()[0], f"deform_attn_table_forward_{suffix}")(ctypes.byref(problem))
+        if problem.count <= capacity:
+            count = problem.count
+            return kinks[:count], slopes[: count + 1], intercepts[: count + 1]
+        capacity = problem.count
+
+
+def table_backward(
+    weights: list[Tensor], biases: list[Tensor], kinks: Tensor, grad_slopes: Tensor | None,
+    grad_intercepts: Tensor | None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Gradients of :func:`table_forward`'s slopes and intercepts for the weights and biases.
+
+    Args:
+        weights, biases: as given to :func:`table_forward`.
+        kinks: (k,) float64, the kinks it returned.
+        grad_slopes, grad_intercepts: (k + 1, o) float64 contiguous, or ``None`` for zero.
+
+    Returns:
+        (weight gradients, bias gradients), each in the parameters' dtype, summed over the intervals
+        in order.
+    """
+    problem, keep = _table_problem(weights, biases)
+    grad_weights = [torch.empty_like(w) for w in weights]
+    grad_biases = [torch.empty_like(b) for b in biases]
+    weight_pointers = (ctypes.c_void_p * len(weights))(*(g.data_ptr() for g in grad_weights))
+    bias_pointers = (ctypes.c_void_p * len(biases))(*(g.data_ptr() for g in grad_biases))
+    problem.count, problem.kinks = kinks.shape[0], kinks.data_ptr()
+    problem.grad_slopes, problem.grad_intercepts = _pointer(grad_slopes), _pointer(grad_intercepts)
+    problem.grad_weights, problem.grad_biases = weight_pointers, bias_pointers
+    getattr(_load()[0], f"deform_attn_table_backward_{_suffix(weights[0].dtype)}")(ctypes.byref(problem))
+    return grad_weights, grad_biases

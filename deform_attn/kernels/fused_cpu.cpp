@@ -1171,10 +1171,175 @@ template <typename T> void sample_backward(const SampleProblem& p) {
     });
 }
 
+// The position bias's piecewise-linear table (deform_attn.position_bias): a ReLU MLP of one
+// scalar t is slope * t + intercept between consecutive kinks. Layer 0 maps t to the (slope,
+// intercept) rows (w0, b0); with the activation pattern A_l of an interval fixed, layer l >= 1
+// maps (s, c) to (W_l (s * A_l), W_l (c * A_l) + b_l). A kink of layer l is where one of its
+// inputs' pre-activations, affine on an interval of the kinks found so far, crosses zero inside
+// that interval. Everything in double, whatever the parameters' dtype.
+struct TableProblem {
+    int64_t layers;                            // linear layers, >= 1; a ReLU between consecutive ones
+    const int64_t* widths;                     // (layers + 1,), widths[0] = 1
+    const void* const* weights;                // per layer (widths[l + 1], widths[l]), row-major
+    const void* const* biases;                 // per layer (widths[l + 1],)
+    int64_t capacity;                          // kinks the output buffers hold
+    double *kinks, *slopes, *intercepts;       // (capacity,), (capacity + 1, outputs) x 2
+    int64_t count;                             // out: kinks found (written only if <= capacity)
+    const double *grad_slopes, *grad_intercepts;  // backward: (count + 1, outputs) each; either may be null
+    void* const* grad_weights;                 // backward: per layer, the parameters' dtype
+    void* const* grad_biases;
+};
+
+template <typename T> struct TableMlp {
+    const TableProblem& p;
+    // (s, c) of layer `upto`'s outputs at point t; with trace, each layer l >= 1's masked inputs
+    // (s * A_l, c * A_l) and pattern A_l, concatenated in layer order
+    void pieces(double t, int64_t upto, std::vector<double>& s, std::vector<double>& c, std::vector<double>* masked_s,
+                std::vector<double>* masked_c) const {
+        const T* w0 = static_cast<const T*>(p.weights[0]);
+        const T* b0 = static_cast<const T*>(p.biases[0]);
+        s.assign(p.widths[1], 0.0);
+        c.assign(p.widths[1], 0.0);
+        for (int64_t u = 0; u < p.widths[1]; ++u) s[u] = double(w0[u]), c[u] = double(b0[u]);
+        std::vector<double> in_s, in_c;
+        for (int64_t l = 1; l <= upto; ++l) {
+            const int64_t in = p.widths[l], out = p.widths[l + 1];
+            const T* w = static_cast<const T*>(p.weights[l]);
+            const T* b = static_cast<const T*>(p.biases[l]);
+            in_s.assign(in, 0.0);
+            in_c.assign(in, 0.0);
+            for (int64_t u = 0; u < in; ++u)
+                if (s[u] * t + c[u] > 0) in_s[u] = s[u], in_c[u] = c[u];
+            if (masked_s) {
+                masked_s->insert(masked_s->end(), in_s.begin(), in_s.end());
+                masked_c->insert(masked_c->end(), in_c.begin(), in_c.end());
+            }
+            s.assign(out, 0.0);
+            c.assign(out, 0.0);
+            for (int64_t v = 0; v < out; ++v) {
+                double slope = 0, intercept = 0;
+                for (int64_t u = 0; u < in; ++u) slope += double(w[v * in + u]) * in_s[u], intercept += double(w[v * in + u]) * in_c[u];
+                s[v] = slope;
+                c[v] = intercept + double(b[v]);
+            }
+        }
+    }
+};
+
+// A point strictly inside each of the kinks.size() + 1 intervals.
+inline std::vector<double> interval_points(const std::vector<double>& kinks) {
+    if (kinks.empty()) return {0.0};
+    std::vector<double> points;
+    points.reserve(kinks.size() + 1);
+    points.push_back(kinks.front() - (1 + std::fabs(kinks.front())));
+    for (size_t i = 0; i + 1 < kinks.size(); ++i) points.push_back((kinks[i] + kinks[i + 1]) / 2);
+    points.push_back(kinks.back() + (1 + std::fabs(kinks.back())));
+    return points;
+}
+
+template <typename T> std::vector<double> table_kinks(const TableProblem& p) {
+    const TableMlp<T> mlp{p};
+    std::vector<double> kinks, found, s, c;
+    const double infinity = std::numeric_limits<double>::infinity();
+    for (int64_t depth = 1; depth < p.layers; ++depth) {
+        const std::vector<double> points = interval_points(kinks);
+        found = kinks;
+        for (size_t i = 0; i < points.size(); ++i) {
+            mlp.pieces(points[i], depth - 1, s, c, nullptr, nullptr);
+            const double lower = i == 0 ? -infinity : kinks[i - 1], upper = i == kinks.size() ? infinity : kinks[i];
+            for (size_t u = 0; u < s.size(); ++u) {
+                if (s[u] == 0) continue;
+                const double crossing = -c[u] / s[u];
+                if (crossing > lower && crossing < upper) found.push_back(crossing);
+            }
+        }
+        std::sort(found.begin(), found.end());
+        found.erase(std::unique(found.begin(), found.end()), found.end());  // ties merged
+        kinks.swap(found);
+    }
+    return kinks;
+}
+
+template <typename T> void table_forward(TableProblem& p) {
+    const std::vector<double> kinks = table_kinks<T>(p);
+    p.count = int64_t(kinks.size());
+    if (p.count > p.capacity) return;
+    const TableMlp<T> mlp{p};
+    const std::vector<double> points = interval_points(kinks);
+    const int64_t outputs = p.widths[p.layers];
+    std::vector<double> s, c;
+    std::copy(kinks.begin(), kinks.end(), p.kinks);
+    for (size_t i = 0; i < points.size(); ++i) {
+        mlp.pieces(points[i], p.layers - 1, s, c, nullptr, nullptr);
+        std::copy(s.begin(), s.end(), p.slopes + i * outputs);
+        std::copy(c.begin(), c.end(), p.intercepts + i * outputs);
+    }
+}
+
+// Gradients of the table's slopes and intercepts for the parameters, given the kinks
+// (p.kinks[:p.count]): per interval, back through the layers with its pattern fixed, summed over
+// the intervals in order.
+template <typename T> void table_backward(const TableProblem& p) {
+    const std::vector<double> kinks(p.kinks, p.kinks + p.count);
+    const std::vector<double> points = interval_points(kinks);
+    const TableMlp<T> mlp{p};
+    const int64_t outputs = p.widths[p.layers];
+    std::vector<std::vector<double>> grad_w(p.layers), grad_b(p.layers);
+    for (int64_t l = 0; l < p.layers; ++l) {
+        grad_w[l].assign(p.widths[l + 1] * p.widths[l], 0.0);
+        grad_b[l].assign(p.widths[l + 1], 0.0);
+    }
+    std::vector<double> s, c, masked_s, masked_c, bar_s, bar_c, next_s, next_c;
+    for (size_t i = 0; i < points.size(); ++i) {
+        masked_s.clear();
+        masked_c.clear();
+        mlp.pieces(points[i], p.layers - 1, s, c, &masked_s, &masked_c);
+        bar_s.assign(outputs, 0.0);
+        bar_c.assign(outputs, 0.0);
+        for (int64_t o = 0; o < outputs; ++o) {
+            if (p.grad_slopes) bar_s[o] = p.grad_slopes[i * outputs + o];
+            if (p.grad_intercepts) bar_c[o] = p.grad_intercepts[i * outputs + o];
+        }
+        int64_t offset = int64_t(masked_s.size());
+        for (int64_t l = p.layers - 1; l >= 1; --l) {
+            const int64_t in = p.widths[l], out = p.widths[l + 1];
+            const T* w = static_cast<const T*>(p.weights[l]);
+            offset -= in;
+            const double* in_s = masked_s.data() + offset;
+            const double* in_c = masked_c.data() + offset;
+            next_s.assign(in, 0.0);
+            next_c.assign(in, 0.0);
+            for (int64_t v = 0; v < out; ++v) {
+                grad_b[l][v] += bar_c[v];
+                for (int64_t u = 0; u < in; ++u) {
+                    grad_w[l][v * in + u] += bar_s[v] * in_s[u] + bar_c[v] * in_c[u];
+                    next_s[u] += double(w[v * in + u]) * bar_s[v];
+                    next_c[u] += double(w[v * in + u]) * bar_c[v];
+                }
+            }
+            // through the pattern: an input that was off passed nothing on (a masked value of 0
+            // may also be an active unit with slope or intercept 0, so the pattern is recomputed)
+            const double t = points[i];
+            mlp.pieces(t, l - 1, s, c, nullptr, nullptr);
+            for (int64_t u = 0; u < in; ++u)
+                if (!(s[u] * t + c[u] > 0)) next_s[u] = next_c[u] = 0;
+            bar_s.swap(next_s);
+            bar_c.swap(next_c);
+        }
+        for (int64_t u = 0; u < p.widths[1]; ++u) grad_w[0][u] += bar_s[u], grad_b[0][u] += bar_c[u];
+    }
+    for (int64_t l = 0; l < p.layers; ++l) {
+        T* target_w = static_cast<T*>(p.grad_weights[l]);
+        T* target_b = static_cast<T*>(p.grad_biases[l]);
+        for (size_t k = 0; k < grad_w[l].size(); ++k) target_w[k] = T(grad_w[l][k]);
+        for (size_t k = 0; k < grad_b[l].size(); ++k) target_b[k] = T(grad_b[l][k]);
+    }
+}
+
 }  // namespace
 
 extern "C" {
-int deform_attn_fused_abi() { return 7; }
+int deform_attn_fused_abi() { return 8; }
 void deform_attn_fused_forward_f32(const Problem* p) { forward<float>(*p); }
 void deform_attn_fused_forward_f64(const Problem* p) { forward<double>(*p); }
 void deform_attn_fused_backward_f32(const Problem* p) { backward<float>(*p); }
@@ -1191,4 +1356,8 @@ void deform_attn_sample_forward_f32(const SampleProblem* p) { sample_forward<flo
 void deform_attn_sample_forward_f64(const SampleProblem* p) { sample_forward<double>(*p); }
 void deform_attn_sample_backward_f32(const SampleProblem* p) { sample_backward<float>(*p); }
 void deform_attn_sample_backward_f64(const SampleProblem* p) { sample_backward<double>(*p); }
+void deform_attn_table_forward_f32(TableProblem* p) { table_forward<float>(*p); }
+void deform_attn_table_forward_f64(TableProblem* p) { table_forward<double>(*p); }
+void deform_attn_table_backward_f32(const TableProblem* p) { table_backward<float>(*p); }
+void deform_attn_table_backward_f64(const TableProblem* p) { table_backward<double>(*p); }
 }
