@@ -429,15 +429,16 @@ void distance_inputs(const Problem& p, const T* u, T w, int64_t start, int64_t s
 }
 
 // Logits of the block's queries [start, start + width) against every key of the row:
-// scores (total, C) = q k^T * scale + bias, -inf where a key is padded or not yet visible.
+// scores (total, C) = q k^T * scale + bias, -inf where a key is padded or not yet visible, in
+// the first `columns` columns (width rounded up to whole pairs of vectors; the rest is stale).
 // Records the block's runs in `runs` (with per-query intervals in intervals_block (m, C) for
 // dense keys), each key's t in t_block (m, C) and, unless null, dt/dd in derivative_block (m, C).
 template <typename T>
 void block_scores(const Problem& p, const RowKeys<T>& row_keys, RowCrossings& crossings, const T* q_t,
-                  int64_t start, int64_t width, T* scores, T* t_block, T* derivative_block, int32_t* intervals_block,
-                  Buffer<Run>& runs) {
+                  int64_t start, int64_t width, int64_t columns, T* scores, T* t_block, T* derivative_block,
+                  int32_t* intervals_block, Buffer<Run>& runs) {
     const int64_t total = row_keys.total, d = p.channels;
-    multiply<T>(total, kBlock, d, row_keys.keys.data(), d, q_t, kBlock, scores, kBlock, T(p.scale), false);
+    multiply<T>(total, columns, d, row_keys.keys.data(), d, q_t, kBlock, scores, kBlock, T(p.scale), false);
     const T* u = static_cast<const T*>(p.query_coordinates);
     const T* slopes = row_keys.slopes.data();
     const T* intercepts = row_keys.intercepts.data();
@@ -446,7 +447,7 @@ void block_scores(const Problem& p, const RowKeys<T>& row_keys, RowCrossings& cr
     for (int64_t j = 0; j < p.cells; ++j) {
         T* row = scores + j * kBlock;
         if (row_keys.padding && row_keys.padding[j]) {
-            std::fill(row, row + kBlock, -infinity);
+            std::fill(row, row + columns, -infinity);
             continue;
         }
         if (p.has_bias) {
@@ -489,6 +490,10 @@ void block_scores(const Problem& p, const RowKeys<T>& row_keys, RowCrossings& cr
         }
     }
 }
+
+// Columns a block of `width` queries computes: whole pairs of vectors, so that a short last block
+// (8 queries of n = 40) costs 16 columns instead of 32.
+template <typename T> inline int64_t block_columns(int64_t width) { return round_up(width, 2 * Simd<T>::width); }
 
 // Queries [start, start + width) of one row of `source` (in `layout`) -> (d_padded, C),
 // transposed and zero-padded.
@@ -561,12 +566,13 @@ template <typename T> void forward(const Problem& p) {
         s.intervals.resize(p.cells * kBlock);
         for (int64_t block = 0; block < blocks; ++block) {
             const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
+            const int64_t columns = block_columns<T>(width);
             load_columns(row_pointer<T>(p.q, p.q_layout, row, p.heads), p.q_layout, start, width, d, s.q_t.data());
-            block_scores<T>(p, row_keys, crossings, s.q_t.data(), start, width, s.scores.data(), nullptr, nullptr,
-                            s.intervals.data(), s.runs);
+            block_scores<T>(p, row_keys, crossings, s.q_t.data(), start, width, columns, s.scores.data(), nullptr,
+                            nullptr, s.intervals.data(), s.runs);
             // softmax over the keys, per query (vectors along the queries)
             T maximum[kBlock], sum[kBlock];
-            for (int64_t i = 0; i < kBlock; i += W) {
+            for (int64_t i = 0; i < columns; i += W) {
                 vec<T> peak = splat(-std::numeric_limits<T>::infinity());
                 for (int64_t j = 0; j < total; ++j) {
                     const vec<T> x = load(s.scores.data() + j * kBlock + i);
@@ -584,7 +590,7 @@ template <typename T> void forward(const Problem& p) {
                 store(maximum + i, peak);
                 store(sum + i, total_weight);
             }
-            multiply<T>(d, kBlock, total, row_keys.values_t.data(), total, s.scores.data(), kBlock, s.out_t.data(),
+            multiply<T>(d, columns, total, row_keys.values_t.data(), total, s.scores.data(), kBlock, s.out_t.data(),
                         kBlock, T(1), false);
             T* lse = static_cast<T*>(p.lse) + row * n + start;
             T normaliser[kBlock];
@@ -637,13 +643,14 @@ template <typename T> void backward(const Problem& p) {
         const T* lse = static_cast<const T*>(p.lse) + row * n;
         for (int64_t block = 0; block < blocks; ++block) {
             const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
+            const int64_t columns = block_columns<T>(width);
             const T* q = row_pointer<T>(p.q, p.q_layout, row, p.heads);
             const T* grad_out = row_pointer<T>(p.grad_out, p.grad_out_layout, row, p.heads);
             load_columns(q, p.q_layout, start, width, d, q_t.data());
             load_columns(grad_out, p.grad_out_layout, start, width, d, grad_out_t.data());
             load_rows(q, p.q_layout, start, width, d, d_padded, q_rows.data());
             load_rows(grad_out, p.grad_out_layout, start, width, d, d_padded, grad_out_rows.data());
-            block_scores<T>(p, row_keys, crossings, q_t.data(), start, width, weights.data(), t.data(),
+            block_scores<T>(p, row_keys, crossings, q_t.data(), start, width, columns, weights.data(), t.data(),
                             derivative.data(), intervals.data(), runs);
             // weights = exp(logit - lse); a shift of +inf gives 0 past the block's end and for a
             // query that sees no key (lse -inf)
@@ -652,16 +659,16 @@ template <typename T> void backward(const Problem& p) {
                 shift[i] = i < width && lse[start + i] > -std::numeric_limits<T>::infinity()
                                ? lse[start + i] : std::numeric_limits<T>::infinity();
             for (int64_t j = 0; j < total; ++j)
-                for (int64_t i = 0; i < kBlock; i += Simd<T>::width) {
+                for (int64_t i = 0; i < columns; i += Simd<T>::width) {
                     T* x = weights.data() + j * kBlock + i;
                     store(x, exp_vector(load(x) - load(shift + i)));
                 }
             // d logits = P * (dP - D), dP = dO v^T, D = rowsum(dO * O) = sum_j P_j dP_j, taken in the
             // second form: from the same dP, so that a query whose whole weight sits on one key gets
             // exactly zero logit gradients (a causal query that sees only the null key)
-            multiply<T>(total, kBlock, d, row_keys.values.data(), d, grad_out_t.data(), kBlock, grad_scores.data(),
+            multiply<T>(total, columns, d, row_keys.values.data(), d, grad_out_t.data(), kBlock, grad_scores.data(),
                         kBlock, T(1), false);
-            for (int64_t i = 0; i < kBlock; i += Simd<T>::width) {
+            for (int64_t i = 0; i < columns; i += Simd<T>::width) {
                 vec<T> weighted = {};
                 for (int64_t j = 0; j < total; ++j)
                     weighted += load(weights.data() + j * kBlock + i) * load(grad_scores.data() + j * kBlock + i);
@@ -671,7 +678,7 @@ template <typename T> void backward(const Problem& p) {
                 }
             }
             // grad q = scale * dS^T k; grad k += scale * dS q; grad v += P dO
-            multiply<T>(d, kBlock, total, row_keys.keys_t.data(), total, grad_scores.data(), kBlock, grad_q_t.data(),
+            multiply<T>(d, columns, total, row_keys.keys_t.data(), total, grad_scores.data(), kBlock, grad_q_t.data(),
                         kBlock, T(p.scale), false);
             store_columns(grad_q_t.data(), static_cast<const T*>(nullptr), p.grad_q_layout, start, width, d,
                           row_pointer<T>(p.grad_q, p.grad_q_layout, row, p.heads));
@@ -815,27 +822,26 @@ inline void depthwise_row_backward(const DepthwiseProblem& p, const std::vector<
         for (int64_t j = 0; j < p.cells; ++j) total += g[j];
         *bias_sum += total;
     }
-    if (gx) {  // cell by cell, each cell adding its window's share
-        std::fill(gx, gx + p.length, T(0));
-        for (int64_t j = 0; j < p.cells; ++j) {
-            T* window = gx + j * p.stride - p.left;
-            const T gj = g[j];
-            if (j >= interior.first && j < interior.second) {
-                for (int64_t t = 0; t < p.kernel; ++t) window[t] += gj * w[t];
-            } else {
-                for (int64_t t = 0; t < p.kernel; ++t)
-                    if (j >= bounds[2 * t] && j < bounds[2 * t + 1]) window[t] += gj * w[t];
-            }
-        }
-    }
-    if (weight_sums) {  // per tap a dot product over its cells
+    // Cell by cell, each cell adding its window's share to the input's gradient and g_j times its
+    // window to the taps' sums, one accumulator per tap: (tap by tap, each dot product over the
+    // cells was one chain of dependent additions, 16% of the offset network's backward pass)
+    if (gx) std::fill(gx, gx + p.length, T(0));
+    if (!gx && !weight_sums) return;
+    T local[16];
+    T* sums = p.kernel <= 16 ? local : weight_sums;  // many taps: the chains are long enough apart
+    if (weight_sums && sums == local) std::fill(local, local + p.kernel, T(0));
+    for (int64_t j = 0; j < p.cells; ++j) {
+        const int64_t first_token = j * p.stride - p.left;  // token of tap t: first_token + t
+        const T gj = g[j];
+        const bool inside = j >= interior.first && j < interior.second;
         for (int64_t t = 0; t < p.kernel; ++t) {
-            const T* source = x_row + t - p.left;
-            T total = 0;
-            for (int64_t j = bounds[2 * t]; j < bounds[2 * t + 1]; ++j) total += g[j] * source[j * p.stride];
-            weight_sums[t] += total;
+            if (!inside && !(j >= bounds[2 * t] && j < bounds[2 * t + 1])) continue;
+            if (gx) gx[first_token + t] += gj * w[t];
+            if (weight_sums) sums[t] += gj * x_row[first_token + t];
         }
     }
+    if (weight_sums && sums == local)
+        for (int64_t t = 0; t < p.kernel; ++t) weight_sums[t] += local[t];
 }
 
 // Cell by cell, the taps summed in a register: inside the interior every tap is in range, and
@@ -948,10 +954,12 @@ inline DepthwiseProblem offset_convolution(const OffsetProblem& p) {
 }
 
 // One sequence's hidden pre-activations (channels, padded) into `hidden` and sum_c w_c GELU(.)
-// into `raw` (padded); the padding lanes stay zero.
+// into `raw` (padded); the padding lanes stay zero. With `slope`, also GELU'(.) per hidden value
+// (channels, padded), for the backward pass.
 template <typename T>
 void offset_hidden(const OffsetProblem& p, const DepthwiseProblem& conv, const std::vector<int64_t>& bounds,
-                   std::pair<int64_t, int64_t> interior, int64_t sequence, int64_t padded, T* hidden, T* raw) {
+                   std::pair<int64_t, int64_t> interior, int64_t sequence, int64_t padded, T* hidden, T* raw,
+                   T* slope = nullptr) {
     constexpr int W = Simd<T>::width;
     const T* x = static_cast<const T*>(p.x);
     const T* weight = static_cast<const T*>(p.weight);
@@ -968,7 +976,12 @@ void offset_hidden(const OffsetProblem& p, const DepthwiseProblem& conv, const s
             vec<T> cdf, a_density;
             const vec<T> a = load(pre + j);
             normal_parts(a, cdf, a_density);
-            store(raw + j, load(raw + j) + w * (a * cdf));
+            const vec<T> gelu = a * cdf;
+            store(raw + j, load(raw + j) + w * gelu);
+            if (slope) {  // GELU'(a) = Phi(a) + a phi(a); GELU(a) itself kept over a
+                store(slope + c * padded + j, cdf + a_density);
+                store(pre + j, gelu);
+            }
         }
     }
 }
@@ -1014,17 +1027,19 @@ template <typename T> void offsets_backward(const OffsetProblem& p) {
     std::vector<T> grad_weight(p.grad_weight ? chunks * taps : 0), grad_bias(p.grad_bias ? chunks * p.channels : 0);
     std::vector<T> grad_pointwise(p.grad_pointwise ? chunks * p.channels : 0);
     struct Scratch {
-        Buffer<T> hidden, raw, grad_raw, grad_pre;
+        Buffer<T> hidden, slope, raw, grad_raw, grad_pre;
     };
     std::vector<Scratch> scratch(std::max<int64_t>(1, p.threads));
     parallel_for(chunks, p.threads, [&](int64_t chunk, int64_t thread) {
         Scratch& s = scratch[thread];
         s.hidden.resize(p.channels * padded);
+        s.slope.resize(p.channels * padded);
         s.raw.resize(padded);
         s.grad_raw.assign(padded, T(0));
         s.grad_pre.resize(padded);
         for (int64_t sequence = chunk * p.sequences / chunks; sequence < (chunk + 1) * p.sequences / chunks; ++sequence) {
-            offset_hidden(p, conv, bounds, interior, sequence, padded, s.hidden.data(), s.raw.data());
+            // hidden: GELU of each pre-activation; slope: its derivative
+            offset_hidden(p, conv, bounds, interior, sequence, padded, s.hidden.data(), s.raw.data(), s.slope.data());
             for (int64_t j = 0; j < p.cells; ++j) {  // d offset / d raw
                 const T g = grad_out[sequence * p.cells + j] * scale;
                 if (p.bounded) {
@@ -1035,15 +1050,14 @@ template <typename T> void offsets_backward(const OffsetProblem& p) {
                 }
             }
             for (int64_t c = 0; c < p.channels; ++c) {
-                const T* pre = s.hidden.data() + c * padded;
+                const T* gelu = s.hidden.data() + c * padded;
+                const T* slope = s.slope.data() + c * padded;
                 const vec<T> w = splat(pointwise[c]);
                 vec<T> pointwise_sum = {};
                 for (int64_t j = 0; j < padded; j += W) {
-                    vec<T> cdf, a_density;
-                    const vec<T> a = load(pre + j), g = load(s.grad_raw.data() + j);
-                    normal_parts(a, cdf, a_density);
-                    pointwise_sum += g * (a * cdf);
-                    store(s.grad_pre.data() + j, g * w * (cdf + a_density));
+                    const vec<T> g = load(s.grad_raw.data() + j);
+                    pointwise_sum += g * load(gelu + j);
+                    store(s.grad_pre.data() + j, g * w * load(slope + j));
                 }
                 if (p.grad_pointwise) {
                     T total = 0;
