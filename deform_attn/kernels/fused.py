@@ -254,6 +254,8 @@ class _Rows:
 
     def row_coordinates(self, key_coordinates: Tensor) -> Tensor:
         """(b g, m) -> (b h, m): each head's key coordinates (differentiable)."""
+        if self.outputs == 1:  # a group per head (the layer's default): the rows are the groups'
+            return key_coordinates.contiguous()
         rows = key_coordinates.unflatten(0, (self.batch, self.groups))[:, self.head_group]
         return rows.flatten(0, 1).contiguous()
 
