@@ -22,6 +22,7 @@ from torch import nn
 
 from deform_attn import baselines, bench, provenance
 from deform_attn.bench import cases, memory, plot, store, worker
+from deform_attn.bench import cli as bench_cli
 from deform_attn.kernels import Implementation
 from deform_attn.offsets import default_offset_kernel_size
 
@@ -151,6 +152,34 @@ def test_interleaved_worker_times_every_case_in_one_process(tmp_path):
     assert result["status"] == "ok" and set(result["cases"]) == {"c", "d"}
     for times in result["cases"].values():
         assert 0 < times["min_s"] <= times["median_s"] <= times["max_s"]
+
+
+def test_min_time_adds_calls_until_each_case_has_been_timed_that_long(monkeypatch):
+    """--min-time: more calls than --repeats while a case's timed calls add up to less, interleaved
+    rounds included, and never more than MOST_CALLS; without it exactly --repeats."""
+    monkeypatch.setattr(worker, "_prepare", lambda spec, case: lambda: 0.25 if case == "c" else 0.5)
+    spec = {"repeats": 3, "warmup": 1, "threads": None, "cases": ["c", "d"], "device": "cpu"}
+    times = worker.measure_interleaved({**spec, "min_time": 2.0})["cases"]
+    assert times["c"]["median_s"] == 0.25 and times["d"]["median_s"] == 0.5
+    assert worker._more_calls({"repeats": 3, "min_time": 2.0}, [0.25] * 7)  # 1.75 s so far
+    assert not worker._more_calls({"repeats": 3, "min_time": 2.0}, [0.25] * 8)
+    assert not worker._more_calls({"repeats": 3}, [0.25] * 3)
+    assert worker._more_calls({"repeats": 3}, [0.25] * 2)
+    assert not worker._more_calls({"repeats": 3, "min_time": 1e9}, [0.25] * worker.MOST_CALLS)
+    calls = []
+    monkeypatch.setattr(worker, "_prepare", lambda spec, case: lambda: calls.append(case) or 0.25)
+    worker.measure_interleaved({**spec, "min_time": 2.0})
+    assert calls.count("c") == calls.count("d") == 1 + 8  # warm-up, then rounds until both have 2 s
+
+
+def test_timeseries_workload_times_each_case_for_two_seconds():
+    args = bench_cli.apply_workload(bench_cli._parser().parse_args(["--workload", "timeseries", "--out", "x"]))
+    assert args.min_time == 2.0 and args.repeats == 5
+    args = bench_cli.apply_workload(bench_cli._parser().parse_args(["--workload", "long", "--out", "x"]))
+    assert args.min_time == 0.0
+    args = bench_cli.apply_workload(
+        bench_cli._parser().parse_args(["--workload", "timeseries", "--min-time", "0.5", "--out", "x"]))
+    assert args.min_time == 0.5
 
 
 def test_plot_only_redraws_from_the_csv(tiny_run, tmp_path):

@@ -31,7 +31,8 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 DEFAULT_LENGTHS: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 _PROTOCOL = (
     "one fresh process per (case, n, mode); fwd under torch.no_grad(); fwd+bwd = forward + out.backward(g); "
-    "median/min/max over the timed repeats after the warm-up calls; peak memory above the baseline taken after "
+    "median/min/max over the timed repeats after the warm-up calls (at least --repeats, more until the case's "
+    "timed calls add up to --min-time seconds); peak memory above the baseline taken after "
     "building the layer and input (see deform_attn.bench.worker and deform_attn.bench.memory)"
 )
 _INTERLEAVED = (
@@ -68,14 +69,15 @@ def _positive(kind: type, name: str, minimum: float = 1) -> Callable[[str], Any]
 # where most users of 1D deformable attention work, batches of shorter series at width 128; 'gpu'
 # is the long workload in bfloat16 on a GPU up to n = 65536, against full attention's fused
 # kernel, without the reference (case a) whose memory grows with n^2. Flags given on the command
-# line override a workload's values.
+# line override a workload's values. The timeseries workload's calls take 5-20 ms at n = 96: five
+# of them left its rounds' ratios 30% apart, so it times each case for at least two seconds.
 WORKLOADS: dict[str, dict[str, Any]] = {
     "long": {"lengths": ",".join(map(str, DEFAULT_LENGTHS)), "dim": 512, "heads": 8, "dim_head": 64, "batch": 1,
-             "cases": "a,b,c,d", "dtype": "float32", "interleave": True},
+             "cases": "a,b,c,d", "dtype": "float32", "interleave": True, "min_time": 0.0},
     "timeseries": {"lengths": "96,192,336,720,1440", "dim": 128, "heads": 4, "dim_head": 32, "batch": 32,
-                   "cases": "c,d", "dtype": "float32", "interleave": True},
+                   "cases": "c,d", "dtype": "float32", "interleave": True, "min_time": 2.0},
     "gpu": {"lengths": "1024,4096,16384,65536", "dim": 512, "heads": 8, "dim_head": 64, "batch": 1,
-            "cases": "c,d,e", "dtype": "bfloat16", "interleave": True},
+            "cases": "c,d,e", "dtype": "bfloat16", "interleave": True, "min_time": 0.0},
 }
 
 
@@ -117,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="float32, or bfloat16 under autocast with fp32 weights (default: the workload's)")
     parser.add_argument("--repeats", type=_positive(int, "--repeats"), default=5, help="timed calls (default: %(default)s)")
+    parser.add_argument("--min-time", type=_positive(float, "--min-time", 0), default=None, metavar="SECONDS",
+                        help="keep timing (beyond --repeats, up to 1000 calls) until each case's timed calls add up "
+                        "to this many seconds (default: the workload's: 2 for timeseries, 0 otherwise)")
     parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                         help="time the cases side by side, calls alternated in one more process per (n, mode); "
                         "memory still from each case's own process (default: the workload's, on)")
@@ -165,7 +170,7 @@ def _settings(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     return {
         "device": args.device, "dtype": args.dtype, "dim": args.dim, "heads": args.heads, "dim_head": args.dim_head,
         "downsample": args.downsample, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
-        "threads": threads,
+        "min_time": args.min_time, "threads": threads,
     }
 
 

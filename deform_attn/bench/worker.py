@@ -4,8 +4,9 @@ Protocol
     Every (case, n, mode) runs in a fresh worker process (``python -m deform_attn.bench --worker
     SPEC``), so the allocations of one measurement cannot raise the memory peak of another and an
     out-of-memory kill or a timeout only loses that one row. The worker builds the layer and the
-    input, runs ``--warmup`` untimed calls and ``--repeats`` timed calls; the median, minimum and
-    maximum wall time of the timed calls are reported. ``fwd`` runs the forward under
+    input, runs ``--warmup`` untimed calls and ``--repeats`` timed calls, more (up to
+    :data:`MOST_CALLS`) until the timed calls add up to ``--min-time`` seconds; the median, minimum
+    and maximum wall time of the timed calls are reported. ``fwd`` runs the forward under
     ``torch.no_grad()``; ``fwd+bwd`` runs the forward with gradients and ``out.backward(g)`` for
     a fixed random ``g`` (gradients of the parameters and of the input, reset to ``None`` before
     each call as ``zero_grad(set_to_none=True)`` does). CUDA work is synchronized before each
@@ -19,7 +20,7 @@ between cases are measured side by side; the memory still comes from each case's
 A spec is a JSON object with ``case`` (a key of :data:`~.cases.CASES`, ``"parity"`` for b
 against a, or ``"interleaved"`` with ``cases``, a list of keys), ``n``, ``mode``, ``device``,
 ``dtype``, ``dim``, ``heads``, ``dim_head``, ``downsample``, ``batch``, ``repeats``, ``warmup``,
-``threads`` (``None``: torch's default) and ``result_file``, where the worker writes its result as
+``min_time`` (seconds, optional), ``threads`` (``None``: torch's default) and ``result_file``, where the worker writes its result as
 JSON. Other keys are ignored.
 
 Axis letters: b batch, d channels (of the layer), n tokens.
@@ -43,7 +44,16 @@ from torch import Tensor
 from .cases import SEED, build_layer, parity
 from .memory import PeakMemory
 
-__all__ = ["measure", "measure_interleaved", "run_spec", "run_worker"]
+__all__ = ["measure", "measure_interleaved", "run_spec", "run_worker", "MOST_CALLS"]
+
+# timed calls per case at most, whatever --min-time asks
+MOST_CALLS = 1000
+
+
+def _more_calls(spec: dict[str, Any], times: list[float]) -> bool:
+    """Whether a case timed ``times`` so far needs another call: fewer than ``repeats``, or less
+    than ``min_time`` seconds in all (and fewer than :data:`MOST_CALLS`)."""
+    return len(times) < spec["repeats"] or (sum(times) < spec.get("min_time", 0.0) and len(times) < MOST_CALLS)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -114,7 +124,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     timed = _prepare(spec, spec["case"])
     memory = PeakMemory(device)
     memory.start()
-    times = [timed() for _ in range(spec["warmup"] + spec["repeats"])][spec["warmup"]:]
+    for _ in range(spec["warmup"]):
+        timed()
+    times: list[float] = []
+    while _more_calls(spec, times):
+        times.append(timed())
     return {
         "status": "ok",
         "reason": "",
@@ -128,10 +142,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
     """Time several cases at one (n, mode) side by side in this process, calls interleaved.
 
-    Every case of ``spec["cases"]`` is built and warmed up; then each of ``repeats`` rounds calls
-    every case once, in an order rotated from round to round, so that a slow stretch of the
-    machine (another process, a frequency change) lands on all cases alike rather than on
-    whichever ran then. No memory is measured here: the layers share the process.
+    Every case of ``spec["cases"]`` is built and warmed up; then each round calls every case once,
+    in an order rotated from round to round, so that a slow stretch of the machine (another
+    process, a frequency change) lands on all cases alike rather than on whichever ran then. Rounds
+    go on while any case needs more calls (``repeats``, ``min_time``). No memory is measured
+    here: the layers share the process.
 
     Returns:
         ``{"status": "ok", "reason": "", "cases": {case: {"median_s", "min_s", "max_s"}}}``.
@@ -144,8 +159,10 @@ def measure_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
         for case in cases:
             timed[case]()
     times: dict[str, list[float]] = {case: [] for case in cases}
-    for round_index in range(spec["repeats"]):
+    round_index = 0
+    while any(_more_calls(spec, times[case]) for case in cases):
         shift = round_index % len(cases)
+        round_index += 1
         for case in cases[shift:] + cases[:shift]:
             times[case].append(timed[case]())
     return {"status": "ok", "reason": "", "cases": {case: _summary(values) for case, values in times.items()}}
