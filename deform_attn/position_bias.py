@@ -134,29 +134,27 @@ def _affine_pieces(linears: list[nn.Linear], points: Tensor, dtype: torch.dtype)
     return slopes, intercepts
 
 
-def _float64_layers(linears: list[nn.Linear]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(weight, bias) of each layer as float64 NumPy arrays on the CPU."""
+def _find_kinks(linears: list[nn.Linear]) -> Tensor:
+    """Sorted kinks of the ReLU MLP ``linears`` (ReLU after all but the last), in float64.
+
+    Computed in NumPy on a float64 copy of the weights: a few dozen operations on arrays of a few
+    hundred numbers, where each torch call's overhead would cost more than its work (the table is
+    rebuilt at every training step). The number of kinks depends on the weights, so under
+    ``torch.compile`` this part runs eagerly; the table built from it compiles.
+    """
     with torch.no_grad():
-        return [
+        layers = [
             (layer.weight.detach().to("cpu", torch.float64).numpy(), layer.bias.detach().to("cpu", torch.float64).numpy())
             for layer in linears
         ]
-
-
-def _interval_points(kinks: np.ndarray) -> np.ndarray:
-    """:func:`_representative_points` in NumPy."""
-    if kinks.size == 0:
-        return np.zeros(1)
-    return np.concatenate([kinks[:1] - (1 + abs(kinks[0])), (kinks[:-1] + kinks[1:]) / 2,
-                           kinks[-1:] + (1 + abs(kinks[-1]))])
-
-
-def _kinks_of_layers(layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Sorted kinks of the ReLU MLP given as float64 (weight, bias) arrays."""
     kinks = np.zeros(0)
     for depth in range(1, len(layers)):
         # pre-activations of layer `depth - 1`'s units are affine on each current interval
-        points = _interval_points(kinks)
+        if kinks.size == 0:
+            points = np.zeros(1)
+        else:
+            points = np.concatenate([kinks[:1] - (1 + abs(kinks[0])), (kinks[:-1] + kinks[1:]) / 2,
+                                     kinks[-1:] + (1 + abs(kinks[-1]))])
         slopes = np.broadcast_to(layers[0][0][:, 0], (points.size, layers[0][0].shape[0]))
         intercepts = np.broadcast_to(layers[0][1], slopes.shape)
         for weight, bias in layers[1:depth]:
@@ -168,18 +166,7 @@ def _kinks_of_layers(layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
             crossing = -intercepts / np.where(slopes != 0, slopes, 1.0)
         inside = (slopes != 0) & (crossing > lower) & (crossing < upper)
         kinks = np.unique(np.concatenate([kinks, crossing[inside]]))  # sorted, ties merged
-    return kinks
-
-
-def _find_kinks(linears: list[nn.Linear]) -> Tensor:
-    """Sorted kinks of the ReLU MLP ``linears`` (ReLU after all but the last), in float64.
-
-    Computed in NumPy on a float64 copy of the weights: a few dozen operations on arrays of a few
-    hundred numbers, where each torch call's overhead would cost more than its work (the table is
-    rebuilt at every training step). The number of kinks depends on the weights, so under
-    ``torch.compile`` this part runs eagerly; the table built from it compiles.
-    """
-    return torch.from_numpy(_kinks_of_layers(_float64_layers(linears))).to(linears[0].weight.device)
+    return torch.from_numpy(kinks).to(linears[0].weight.device)
 
 
 class _CompiledTable(torch.autograd.Function):
