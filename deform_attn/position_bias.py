@@ -211,12 +211,17 @@ class _CompiledTable(torch.autograd.Function):
         return (None, *(g for pair in zip(grad_weights, grad_biases) for g in pair))
 
 
+def _table_parameters(linears: list[nn.Linear]) -> list[Tensor]:
+    """weight, bias of each layer in order, as :class:`_CompiledTable` takes them."""
+    return [tensor for layer in linears for tensor in (layer.weight, layer.bias)]
+
+
 def _table_compiled(linears: list[nn.Linear], dtype: torch.dtype) -> bool:
     """Whether :class:`_CompiledTable` builds the table: eager mode, the parameters on the CPU
     in one dtype (float32 or float64), the compiled library loaded."""
     from .kernels.fused import loops_available
 
-    parameters = [tensor for layer in linears for tensor in (layer.weight, layer.bias)]
+    parameters = _table_parameters(linears)
     return dtype in (torch.float32, torch.float64) and all(p is not None for p in parameters) and loops_available(*parameters)
 
 
@@ -239,8 +244,7 @@ def piecewise_linear_table(linears: list[nn.Linear], dtype: torch.dtype) -> Piec
     (:func:`piecewise_linear_table_tensors`) in ``dtype`` or the weights' dtype, whichever is wider.
     """
     if _table_compiled(linears, dtype):
-        parameters = [tensor for layer in linears for tensor in (layer.weight, layer.bias)]
-        return PiecewiseLinearTable(*_CompiledTable.apply(dtype, *parameters))
+        return PiecewiseLinearTable(*_CompiledTable.apply(dtype, *_table_parameters(linears)))
     return piecewise_linear_table_tensors(linears, dtype)
 
 

@@ -16,6 +16,7 @@ from conftest import max_relative_error
 
 from deform_attn import ContinuousPositionBias, piecewise_linear_table, signed_log_distance
 from deform_attn.kernels import fused_available
+from deform_attn import position_bias
 from deform_attn.position_bias import piecewise_linear_table_tensors
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -317,7 +318,7 @@ def test_second_derivatives_are_exact_or_refused():
 
 
 def _table_parameters(cpb: ContinuousPositionBias) -> list[torch.Tensor]:
-    return [tensor for layer in cpb.linears for tensor in (layer.weight, layer.bias)]
+    return position_bias._table_parameters(list(cpb.linears))
 
 
 @pytest.mark.skipif(not fused_available(), reason="compiled library unavailable")

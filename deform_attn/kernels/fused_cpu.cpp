@@ -827,9 +827,6 @@ inline void depthwise_row_backward(const DepthwiseProblem& p, const std::vector<
     // cells was one chain of dependent additions, 16% of the offset network's backward pass)
     if (gx) std::fill(gx, gx + p.length, T(0));
     if (!gx && !weight_sums) return;
-    T local[16];
-    T* sums = p.kernel <= 16 ? local : weight_sums;  // many taps: the chains are long enough apart
-    if (weight_sums && sums == local) std::fill(local, local + p.kernel, T(0));
     for (int64_t j = 0; j < p.cells; ++j) {
         const int64_t first_token = j * p.stride - p.left;  // token of tap t: first_token + t
         const T gj = g[j];
@@ -837,11 +834,9 @@ inline void depthwise_row_backward(const DepthwiseProblem& p, const std::vector<
         for (int64_t t = 0; t < p.kernel; ++t) {
             if (!inside && !(j >= bounds[2 * t] && j < bounds[2 * t + 1])) continue;
             if (gx) gx[first_token + t] += gj * w[t];
-            if (weight_sums) sums[t] += gj * x_row[first_token + t];
+            if (weight_sums) weight_sums[t] += gj * x_row[first_token + t];
         }
     }
-    if (weight_sums && sums == local)
-        for (int64_t t = 0; t < p.kernel; ++t) weight_sums[t] += local[t];
 }
 
 // Cell by cell, the taps summed in a register: inside the interior every tap is in range, and
@@ -1204,12 +1199,17 @@ struct TableProblem {
     void* const* grad_biases;
 };
 
+// What the backward pass needs of one interval: each layer l >= 1's masked inputs (s * A_l,
+// c * A_l) and pattern A_l, concatenated in layer order.
+struct TableTrace {
+    std::vector<double> masked_s, masked_c;
+    std::vector<char> active;
+};
+
 template <typename T> struct TableMlp {
     const TableProblem& p;
-    // (s, c) of layer `upto`'s outputs at point t; with trace, each layer l >= 1's masked inputs
-    // (s * A_l, c * A_l) and pattern A_l, concatenated in layer order
-    void pieces(double t, int64_t upto, std::vector<double>& s, std::vector<double>& c, std::vector<double>* masked_s,
-                std::vector<double>* masked_c) const {
+    // (s, c) of layer `upto`'s outputs at point t, appending to `trace` unless null
+    void pieces(double t, int64_t upto, std::vector<double>& s, std::vector<double>& c, TableTrace* trace) const {
         const T* w0 = static_cast<const T*>(p.weights[0]);
         const T* b0 = static_cast<const T*>(p.biases[0]);
         s.assign(p.widths[1], 0.0);
@@ -1222,11 +1222,14 @@ template <typename T> struct TableMlp {
             const T* b = static_cast<const T*>(p.biases[l]);
             in_s.assign(in, 0.0);
             in_c.assign(in, 0.0);
-            for (int64_t u = 0; u < in; ++u)
-                if (s[u] * t + c[u] > 0) in_s[u] = s[u], in_c[u] = c[u];
-            if (masked_s) {
-                masked_s->insert(masked_s->end(), in_s.begin(), in_s.end());
-                masked_c->insert(masked_c->end(), in_c.begin(), in_c.end());
+            for (int64_t u = 0; u < in; ++u) {
+                const bool active = s[u] * t + c[u] > 0;
+                if (active) in_s[u] = s[u], in_c[u] = c[u];
+                if (trace) trace->active.push_back(active);
+            }
+            if (trace) {
+                trace->masked_s.insert(trace->masked_s.end(), in_s.begin(), in_s.end());
+                trace->masked_c.insert(trace->masked_c.end(), in_c.begin(), in_c.end());
             }
             s.assign(out, 0.0);
             c.assign(out, 0.0);
@@ -1259,7 +1262,7 @@ template <typename T> std::vector<double> table_kinks(const TableProblem& p) {
         const std::vector<double> points = interval_points(kinks);
         found = kinks;
         for (size_t i = 0; i < points.size(); ++i) {
-            mlp.pieces(points[i], depth - 1, s, c, nullptr, nullptr);
+            mlp.pieces(points[i], depth - 1, s, c, nullptr);
             const double lower = i == 0 ? -infinity : kinks[i - 1], upper = i == kinks.size() ? infinity : kinks[i];
             for (size_t u = 0; u < s.size(); ++u) {
                 if (s[u] == 0) continue;
@@ -1284,7 +1287,7 @@ template <typename T> void table_forward(TableProblem& p) {
     std::vector<double> s, c;
     std::copy(kinks.begin(), kinks.end(), p.kinks);
     for (size_t i = 0; i < points.size(); ++i) {
-        mlp.pieces(points[i], p.layers - 1, s, c, nullptr, nullptr);
+        mlp.pieces(points[i], p.layers - 1, s, c, nullptr);
         std::copy(s.begin(), s.end(), p.slopes + i * outputs);
         std::copy(c.begin(), c.end(), p.intercepts + i * outputs);
     }
@@ -1303,24 +1306,27 @@ template <typename T> void table_backward(const TableProblem& p) {
         grad_w[l].assign(p.widths[l + 1] * p.widths[l], 0.0);
         grad_b[l].assign(p.widths[l + 1], 0.0);
     }
-    std::vector<double> s, c, masked_s, masked_c, bar_s, bar_c, next_s, next_c;
+    std::vector<double> s, c, bar_s, bar_c, next_s, next_c;
+    TableTrace trace;
     for (size_t i = 0; i < points.size(); ++i) {
-        masked_s.clear();
-        masked_c.clear();
-        mlp.pieces(points[i], p.layers - 1, s, c, &masked_s, &masked_c);
+        trace.masked_s.clear();
+        trace.masked_c.clear();
+        trace.active.clear();
+        mlp.pieces(points[i], p.layers - 1, s, c, &trace);
         bar_s.assign(outputs, 0.0);
         bar_c.assign(outputs, 0.0);
         for (int64_t o = 0; o < outputs; ++o) {
             if (p.grad_slopes) bar_s[o] = p.grad_slopes[i * outputs + o];
             if (p.grad_intercepts) bar_c[o] = p.grad_intercepts[i * outputs + o];
         }
-        int64_t offset = int64_t(masked_s.size());
+        int64_t offset = int64_t(trace.masked_s.size());
         for (int64_t l = p.layers - 1; l >= 1; --l) {
             const int64_t in = p.widths[l], out = p.widths[l + 1];
             const T* w = static_cast<const T*>(p.weights[l]);
             offset -= in;
-            const double* in_s = masked_s.data() + offset;
-            const double* in_c = masked_c.data() + offset;
+            const double* in_s = trace.masked_s.data() + offset;
+            const double* in_c = trace.masked_c.data() + offset;
+            const char* active = trace.active.data() + offset;
             next_s.assign(in, 0.0);
             next_c.assign(in, 0.0);
             for (int64_t v = 0; v < out; ++v) {
@@ -1331,12 +1337,8 @@ template <typename T> void table_backward(const TableProblem& p) {
                     next_c[u] += double(w[v * in + u]) * bar_c[v];
                 }
             }
-            // through the pattern: an input that was off passed nothing on (a masked value of 0
-            // may also be an active unit with slope or intercept 0, so the pattern is recomputed)
-            const double t = points[i];
-            mlp.pieces(t, l - 1, s, c, nullptr, nullptr);
-            for (int64_t u = 0; u < in; ++u)
-                if (!(s[u] * t + c[u] > 0)) next_s[u] = next_c[u] = 0;
+            for (int64_t u = 0; u < in; ++u)  // through the pattern: an input that was off passed nothing on
+                if (!active[u]) next_s[u] = next_c[u] = 0;
             bar_s.swap(next_s);
             bar_c.swap(next_c);
         }
