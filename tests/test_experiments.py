@@ -191,11 +191,36 @@ def test_a_new_task_is_one_function_and_one_registration(registries, monkeypatch
     assert {r.task for r in runs} == {"parity"} and len(runs) == 6  # 3 micro variants x 2 seeds
     assert all(r.train == TrainConfig(**budget) and r.task_params == () for r in runs)
     counts = run_grid("micro_parity", tmp_path / "parity.jsonl", progress=False)
-    assert counts == {"grid": 6, "skipped": 0, "trained": 6, "non_finite": 0}
+    assert counts == {"grid": 6, "skipped": 0, "trained": 6, "left": 0, "non_finite": 0}
     written = [schema.Record.from_dict(r) for r in records.read_records(tmp_path / "parity.jsonl")]
     assert sorted(r.key for r in written) == sorted(r.key for r in runs)
     assert all(r.task_kind == "classification" and 0 <= r.metric() <= 1 for r in written)
     assert all(r.num_train + r.num_validation == 32 and r.num_validation == 4 for r in written)  # fold 0 of 10
+
+
+def test_time_limit_starts_no_run_after_it_and_a_later_call_resumes(tmp_path, monkeypatch):
+    """--time-limit: the run in progress finishes, no other starts; the next call trains the rest."""
+    from deform_attn.experiments import runner
+
+    clock = iter(range(0, 10**6, 10))  # every reading of the clock (training's too): 10 s later
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: float(next(clock)))
+    output = tmp_path / "limited.jsonl"
+    # deadline 0 + 15 s: the first check reads 10 s and starts a run, whose own readings push
+    # the next check past the deadline
+    first = runner.run_grid("micro", output, progress=False, time_limit=15.0)
+    assert first["trained"] == 1 and first["left"] == first["grid"] - 1
+    assert len(records.read_records(output)) == 1
+    monkeypatch.undo()
+    rest = runner.run_grid("micro", output, progress=False)
+    assert rest == {"grid": first["grid"], "skipped": 1, "trained": first["grid"] - 1, "left": 0, "non_finite": 0}
+
+
+def test_time_limit_must_be_positive(capsys):
+    from deform_attn.experiments.runner import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--preset", "micro", "--time-limit", "0"])
+    assert "--time-limit: expected a positive number of seconds, got 0.0" in capsys.readouterr().err
 
 
 def test_task_registration_is_validated(registries):
@@ -540,6 +565,57 @@ def test_worker_processes_share_one_output_file(tmp_path):
     assert sorted(r["key"] for r in written) == sorted(expected)
     assert {r["shard"] for r in written} == {"0/2", "1/2"} and {r["threads"] for r in written} == {1}
     assert {r["device"] for r in written} == {"cpu"}
+
+
+def test_gpu_preset_is_the_micro_gpu_grid_scaled_up_and_runs_on_the_cpu(tmp_path):
+    """'micro_gpu' is 'gpu' shrunk: the same tasks, lengths, recipes and variants; two of its tasks
+    run here on the CPU (the 2560-token task's evaluation alone takes minutes on two cores),
+    where bfloat16 autocast is off."""
+    from deform_attn.experiments.runner import main
+
+    gpu, micro = grid.build_grid("gpu"), grid.build_grid("micro_gpu")
+    assert {(r.task, r.task_params, r.variant) for r in gpu} == {(r.task, r.task_params, r.variant) for r in micro}
+    assert max(dict(r.task_params).get("upsample", 1) for r in gpu) == 64 and len(gpu) == 36
+    assert {r.train.amp for r in gpu} == {r.train.amp for r in micro} == {"bf16"}
+    scaled = {"steps", "warmup", "batch_size", "curve_points"}
+    for big in gpu:
+        small = next(r for r in micro if (r.task, r.variant) == (big.task, big.variant))
+        differing = {f.name for f in dataclasses.fields(big.train) if getattr(big.train, f.name) != getattr(small.train, f.name)}
+        assert differing <= scaled, differing
+    out = tmp_path / "micro_gpu.jsonl"
+    assert main(["run", "--preset", "micro_gpu", "--tasks", "mnist1d", "mnist1d_x4", "--device", "cpu",
+                 "--out", str(out), "--quiet"]) == 0
+    written = records.read_records(out)
+    assert sorted(r["key"] for r in written) == sorted(r.key for r in micro if r.task in ("mnist1d", "mnist1d_x4"))
+    assert {r["amp"] for r in written} == {"none"} and {r["sequence_length"] for r in written} == {40, 160}
+
+
+def test_worker_processes_get_the_time_limit(tmp_path, monkeypatch):
+    from deform_attn.experiments import runner
+
+    started = []
+
+    class Worker:
+        def __init__(self, command):
+            started.append(command)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(runner.subprocess, "Popen", Worker)
+    assert runner.main(["run", "--preset", "micro", "--jobs", "2", "--time-limit", "240",
+                        "--out", str(tmp_path / "r.jsonl")]) == 0
+    assert len(started) == 2
+    assert all(command[command.index("--time-limit") + 1] == "240.0" for command in started)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_gpu_script_refuses_a_machine_without_cuda(tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_run.sh"), "ablations", str(tmp_path / "out")],
+                            env={**_environment(), "PYTHON": sys.executable}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "torch sees no CUDA device here" in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_sigkill_mid_grid_loses_only_the_unfinished_run(tmp_path):

@@ -14,7 +14,7 @@ Examples::
 
     python -m deform_attn.experiments run --preset smoke
     python -m deform_attn.experiments run --preset cpu --jobs 2
-    python -m deform_attn.experiments run --preset gpu --shard $SLURM_ARRAY_TASK_ID/8
+    python -m deform_attn.experiments run --preset gpu --jobs 12 --time-limit 240
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def run_grid(
     device: str = "auto",
     progress: bool = True,
     command: str | None = None,
+    time_limit: float | None = None,
 ) -> dict[str, int]:
     """Train every unfinished run of ``preset`` (this shard's part) and append one record per run.
 
@@ -81,9 +82,11 @@ def run_grid(
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
         progress: show a progress bar.
         command: the command line stored in every record.
+        time_limit: seconds after which no further run starts (a run in progress finishes);
+            the runs left are counted in ``left`` and a later call resumes with them.
 
     Returns:
-        Counts: ``grid``, ``skipped``, ``trained`` and ``non_finite`` runs.
+        Counts: ``grid``, ``skipped``, ``trained``, ``left`` and ``non_finite`` runs.
     """
     from ..provenance import environment as provenance_environment
     from .grid import build_grid, parse_shard, shard
@@ -106,8 +109,11 @@ def run_grid(
 
         iterator = tqdm(todo, desc=f"{preset}{'' if shard_spec is None else ' shard ' + shard_spec}", unit="run")
     cache_key, data = None, None
-    failed = 0
+    failed = trained = 0
+    deadline = None if time_limit is None else time.perf_counter() + time_limit
     for run in iterator:
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
         if progress:
             iterator.set_postfix_str(f"{run.task} {run.variant} seed {run.seed}")
         if cache_key != (run.task, run.task_params, run.seed):
@@ -157,8 +163,10 @@ def run_grid(
             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         failed += not result["finite"]
+        trained += 1
         append_record(output, record.to_dict())
-    return {"grid": len(runs), "skipped": len(runs) - len(todo), "trained": len(todo), "non_finite": failed}
+    return {"grid": len(runs), "skipped": len(runs) - len(todo), "trained": trained, "left": len(todo) - trained,
+            "non_finite": failed}
 
 
 def _run_jobs(args: argparse.Namespace, output: Path) -> int:
@@ -171,6 +179,8 @@ def _run_jobs(args: argparse.Namespace, output: Path) -> int:
             command += ["--seeds", *map(str, args.seeds)]
         if args.tasks is not None:
             command += ["--tasks", *args.tasks]
+        if args.time_limit is not None:
+            command += ["--time-limit", str(args.time_limit)]
         if j > 0 or args.quiet:
             command.append("--quiet")
         workers.append(subprocess.Popen(command))
@@ -197,6 +207,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 thread each) on this machine")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                     help="start no run after SECONDS (runs in progress finish; a later call resumes)")
 
     listing = commands.add_parser("list", help="print the runs without training")
     add_grid_arguments(listing)
@@ -242,6 +254,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                 raise ValueError("--jobs and --shard: give one of them (--jobs deals shards to local workers)")
             if args.threads is not None and args.threads < 1:
                 raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
+            if args.time_limit is not None and not args.time_limit > 0:
+                raise ValueError(f"--time-limit: expected a positive number of seconds, got {args.time_limit}")
             from .train import resolve_device
 
             resolve_device(args.device)
@@ -285,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         command = shlex.join(["python", "-m", "deform_attn.experiments", *(sys.argv[1:] if argv is None else argv)])
         counts = run_grid(args.preset, output, shard_spec=args.shard, seeds=args.seeds, tasks=args.tasks,
-                          device=args.device, progress=not args.quiet, command=command)
+                          device=args.device, progress=not args.quiet, command=command, time_limit=args.time_limit)
         print(f"{args.preset}: {counts} in {time.perf_counter() - start:.0f} s -> {output}")
         return 1 if counts["non_finite"] else 0
     if args.command == "merge":

@@ -400,6 +400,8 @@ def _mnist1d_published() -> dict[str, np.ndarray]:
     default_train={"steps": 300, "batch_size": 16, "warmup": 30},
     default_params={"upsample": 2, "frame": 160},
 )
+@register_task("mnist1d_x64", kind="classification", default_train={"steps": 300, "batch_size": 16, "warmup": 30},
+               default_params={"upsample": 64, "frame": 2560})
 @register_task("mnist1d_x16", kind="classification", default_train={"steps": 300, "batch_size": 16, "warmup": 30},
                default_params={"upsample": 16, "frame": 640})
 @register_task("mnist1d_x4", kind="classification", default_train={"steps": 300, "batch_size": 16, "warmup": 30},
