@@ -154,6 +154,40 @@ def test_forward_spans_change_no_bit(options):
     assert torch.equal(whole_rows[:2], whole_rows[6:])
 
 
+def test_backward_spans_sum_in_a_fixed_order():
+    """Split rows' key, value and table gradients are sums of per-span sums, added in span order:
+    the same bits on every call whichever thread ran which span, and within rounding of the sums
+    over whole rows."""
+    inputs, differentiable, common, table, grid, log_distance = kernel_case(
+        torch.float32, batch=2, groups=1, outputs=1, length=700, cells=175, causal=True, padding=True
+    )
+    kernel = dict(query_grid=grid, table=table, log_distance=log_distance)
+    cotangent = torch.randn(2, 1, 700, 12, generator=torch.Generator().manual_seed(3))
+
+    def gradients(batch_copies: int):
+        leaves = {name: t.detach().repeat(batch_copies, *([1] * (t.dim() - 1))).requires_grad_()
+                  for name, t in inputs.items()}
+        extra = {name: t.repeat(batch_copies, *([1] * (t.dim() - 1))) if torch.is_tensor(t) and name != "query_coordinates"
+                 else t for name, t in common.items()}
+        out = fused_biased_attention(**leaves, **extra, **kernel)
+        grads = torch.autograd.grad(out, [*leaves.values(), table.slopes, table.intercepts],
+                                    cotangent.repeat(batch_copies, 1, 1, 1))
+        rows = [g[:2] for g in grads[: len(leaves)]]  # the first copy of the batch
+        return rows + [g / batch_copies for g in grads[len(leaves):]]  # the table's: summed over copies
+
+    split = [gradients(1) for _ in range(3)]  # 2 rows on 2 threads: 4 spans a row
+    assert all(torch.equal(a, b) for again in split[1:] for a, b in zip(split[0], again))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        whole = gradients(4)  # 8 rows on one thread: whole rows
+    finally:
+        torch.set_num_threads(threads)
+    if threads >= 2:
+        assert any(not torch.equal(a, b) for a, b in zip(split[0], whole))  # the sums are grouped
+    assert max(gradient_errors_of_largest(split[0], whole)) < 1e-5
+
+
 def test_fused_float32_is_as_accurate_as_sdpa_float32_on_an_extreme_table():
     """Biases of hundreds (weights x3 in every layer): both float32 kernels round the logits; the
     fused one must stay as close to the float64 result as SDPA's float32 path does."""

@@ -5,8 +5,8 @@
 // axis of a block held at once (the keys are few, n / r). Everything a block needs is computed in
 // place: the logits, the bias, the masks, the softmax and the product with the values. The
 // backward pass recomputes the logits from the saved log-sum-exp. The threads take whole rows,
-// except in a forward pass with fewer than four rows per thread (batch 1, a few heads), which
-// deals out spans of a row's blocks instead: one row of n = 4096 ran 1.8x faster on 2 threads.
+// or, with fewer than four rows per thread (batch 1, a few heads), spans of a row's blocks: one
+// row of n = 4096 ran its forward pass 1.8x faster on 2 threads.
 //
 // The bias uses the regular query grid: for key j the distance u_i - w_j grows with i, so the
 // table's interval of pair (i, j) changes only at the crossings r_jl = first i with
@@ -542,12 +542,14 @@ void store_columns(const T* columns, const T* factor, const Layout& layout, int6
     }
 }
 
-// Spans of blocks per row that the forward pass deals out: 1 (whole rows) when there are at
+// Spans of blocks per row that the threads take as items: 1 (whole rows) when there are at
 // least four rows per thread; otherwise enough for four items per thread, of at least four
 // blocks each. A block's output does not depend on the span it runs in (its runs start from
-// the crossings at its first query), so the split changes no bit of the result. The backward
-// pass keeps whole rows: its key gradients are sums over all the row's blocks.
-inline int64_t forward_spans(int64_t rows, int64_t blocks, int64_t threads) {
+// the crossings at its first query), so the forward pass's result keeps every bit. In the
+// backward pass a row's key, value and table gradients become sums of per-span sums (added in
+// span order, whichever thread ran them): where rows are split, the thread count moves their
+// last bits, as it does a parallel reduction's in torch.
+inline int64_t row_spans(int64_t rows, int64_t blocks, int64_t threads) {
     const int64_t wanted = 4 * std::max<int64_t>(1, threads);
     if (rows >= wanted) return 1;
     return std::max<int64_t>(1, std::min((wanted + rows - 1) / rows, blocks / 4));
@@ -572,7 +574,7 @@ template <typename T> void forward(const Problem& p) {
     std::vector<Prepared> prepared(scratch.size());
     // items are spans of a row's blocks (whole rows unless rows are few): a thread prepares a
     // row's keys and crossings once for consecutive spans of it, then runs its blocks in order
-    const int64_t spans = forward_spans(p.rows, blocks, p.threads);
+    const int64_t spans = row_spans(p.rows, blocks, p.threads);
     parallel_for(p.rows * spans, p.threads, [&](int64_t item, int64_t thread) {
         Scratch& s = scratch[thread];
         const int64_t row = item / spans, span = item % spans;
@@ -642,11 +644,48 @@ template <typename T> void backward(const Problem& p) {
         Buffer<T> q_t, q_rows, grad_out_t, grad_out_rows, weights, grad_scores, grad_q_t, t, derivative;
         Buffer<T> grad_keys, grad_values, grad_w, grad_slope, grad_intercept;
     };
+    struct Prepared {
+        int64_t row = -1, next_block = 0;
+    };
     std::vector<Scratch> scratch(std::max<int64_t>(1, p.threads));
-    parallel_for(p.rows, p.threads, [&](int64_t row, int64_t thread) {
+    std::vector<Prepared> prepared(scratch.size());
+    // writes a row's gradients of its keys, values, null keys and values, key coordinates and
+    // table column
+    auto write_row = [&](int64_t row, const T* grad_keys, const T* grad_values, const T* grad_w,
+                         const T* grad_slope, const T* grad_intercept) {
+        T* grad_k = row_pointer<T>(p.grad_k, p.grad_k_layout, row, p.heads);
+        T* grad_v = row_pointer<T>(p.grad_v, p.grad_v_layout, row, p.heads);
+        const Layout &k_layout = p.grad_k_layout, &v_layout = p.grad_v_layout;
+        for (int64_t j = 0; j < total; ++j)
+            for (int64_t c = 0; c < d; ++c) {
+                T* k_target = j >= m ? static_cast<T*>(p.grad_null_k) + (row * e + j - m) * d + c
+                                     : grad_k + j * k_layout.token + c * k_layout.channel;
+                T* v_target = j >= m ? static_cast<T*>(p.grad_null_v) + (row * e + j - m) * d + c
+                                     : grad_v + j * v_layout.token + c * v_layout.channel;
+                *k_target = grad_keys[j * d_padded + c];
+                *v_target = grad_values[j * d_padded + c];
+            }
+        if (p.has_bias) {
+            std::memcpy(static_cast<T*>(p.grad_key_coordinates) + row * m, grad_w, sizeof(T) * m);
+            std::memcpy(static_cast<T*>(p.grad_slopes) + row * table_rows, grad_slope, sizeof(T) * table_rows);
+            std::memcpy(static_cast<T*>(p.grad_intercepts) + row * table_rows, grad_intercept, sizeof(T) * table_rows);
+        }
+    };
+    // split rows (row_spans): each span's partial sums wait in its slot, then each row adds its
+    // spans' in span order
+    const int64_t spans = row_spans(p.rows, blocks, p.threads);
+    const int64_t keys_size = total * d_padded, slot = 2 * keys_size + m + 2 * table_rows;
+    Buffer<T> partials(spans > 1 ? p.rows * spans * slot : 0);
+    parallel_for(p.rows * spans, p.threads, [&](int64_t item, int64_t thread) {
         Scratch& s = scratch[thread];
-        s.row_keys.prepare(p, row);
-        s.crossings.prepare(p, s.row_keys.coordinates);
+        const int64_t row = item / spans, span = item % spans;
+        const int64_t first_block = span * blocks / spans, stop_block = (span + 1) * blocks / spans;
+        // the crossings walk forward only: a span before the last one prepared starts afresh
+        if (prepared[thread].row != row || first_block < prepared[thread].next_block) {
+            s.row_keys.prepare(p, row);
+            s.crossings.prepare(p, s.row_keys.coordinates);
+        }
+        prepared[thread] = Prepared{row, stop_block};
         const RowKeys<T>& row_keys = s.row_keys;
         RowCrossings& crossings = s.crossings;
         Buffer<Run>& runs = s.runs;
@@ -666,7 +705,7 @@ template <typename T> void backward(const Problem& p) {
         Buffer<T>&derivative = s.derivative, &grad_keys = s.grad_keys, &grad_values = s.grad_values;
         Buffer<T>&grad_w = s.grad_w, &grad_slope = s.grad_slope, &grad_intercept = s.grad_intercept;
         const T* lse = static_cast<const T*>(p.lse) + row * n;
-        for (int64_t block = 0; block < blocks; ++block) {
+        for (int64_t block = first_block; block < stop_block; ++block) {
             const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
             const int64_t columns = block_columns<T>(width);
             const T* q = row_pointer<T>(p.q, p.q_layout, row, p.heads);
@@ -752,24 +791,27 @@ template <typename T> void backward(const Problem& p) {
                 grad_w[run.key] -= slopes[run.interval] * total_gd;
             }
         }
-        T* grad_k = row_pointer<T>(p.grad_k, p.grad_k_layout, row, p.heads);
-        T* grad_v = row_pointer<T>(p.grad_v, p.grad_v_layout, row, p.heads);
-        const Layout &k_layout = p.grad_k_layout, &v_layout = p.grad_v_layout;
-        for (int64_t j = 0; j < total; ++j)
-            for (int64_t c = 0; c < d; ++c) {
-                T* k_target = j >= m ? static_cast<T*>(p.grad_null_k) + (row * e + j - m) * d + c
-                                     : grad_k + j * k_layout.token + c * k_layout.channel;
-                T* v_target = j >= m ? static_cast<T*>(p.grad_null_v) + (row * e + j - m) * d + c
-                                     : grad_v + j * v_layout.token + c * v_layout.channel;
-                *k_target = grad_keys[j * d_padded + c];
-                *v_target = grad_values[j * d_padded + c];
-            }
-        if (p.has_bias) {
-            std::memcpy(static_cast<T*>(p.grad_key_coordinates) + row * m, grad_w.data(), sizeof(T) * m);
-            std::memcpy(static_cast<T*>(p.grad_slopes) + row * table_rows, grad_slope.data(), sizeof(T) * table_rows);
-            std::memcpy(static_cast<T*>(p.grad_intercepts) + row * table_rows, grad_intercept.data(),
-                        sizeof(T) * table_rows);
+        if (spans == 1) {
+            write_row(row, grad_keys.data(), grad_values.data(), grad_w.data(), grad_slope.data(),
+                      grad_intercept.data());
+            return;
         }
+        T* target = partials.data() + item * slot;
+        std::memcpy(target, grad_keys.data(), sizeof(T) * keys_size);
+        std::memcpy(target + keys_size, grad_values.data(), sizeof(T) * keys_size);
+        std::memcpy(target + 2 * keys_size, grad_w.data(), sizeof(T) * m);
+        std::memcpy(target + 2 * keys_size + m, grad_slope.data(), sizeof(T) * table_rows);
+        std::memcpy(target + 2 * keys_size + m + table_rows, grad_intercept.data(), sizeof(T) * table_rows);
+    });
+    if (spans == 1) return;
+    parallel_for(p.rows, p.threads, [&](int64_t row, int64_t) {
+        T* sums = partials.data() + row * spans * slot;
+        for (int64_t span = 1; span < spans; ++span) {
+            const T* next = sums + span * slot;
+            for (int64_t i = 0; i < slot; ++i) sums[i] += next[i];
+        }
+        write_row(row, sums, sums + keys_size, sums + 2 * keys_size, sums + 2 * keys_size + m,
+                  sums + 2 * keys_size + m + table_rows);
     });
 }
 
