@@ -120,6 +120,13 @@ def test_fused_kernel_equals_sdpa(dtype, options):
     assert max(errors) < gradient_tolerance, errors
 
 
+def repeated_batch(tensors: dict, copies: int) -> dict:
+    """Every per-sequence tensor of ``tensors`` (all but the query coordinates) ``copies`` times
+    along the batch: more rows, with the same sequences."""
+    return {name: t.repeat(copies, *([1] * (t.dim() - 1))) if torch.is_tensor(t) and name != "query_coordinates"
+            else t for name, t in tensors.items()}
+
+
 @pytest.mark.parametrize("options", [{}, {"causal": True, "padding": True}], ids=["plain", "causal-padding"])
 def test_forward_spans_change_no_bit(options):
     """With fewer than four rows per thread (batch 1, a few heads) the forward pass deals out
@@ -128,10 +135,6 @@ def test_forward_spans_change_no_bit(options):
         torch.float32, batch=2, groups=1, outputs=1, length=700, cells=175, **options
     )
     kernel = dict(query_grid=grid, table=table, log_distance=log_distance)
-
-    def repeated(tensor):  # the batch four times over: eight rows, whole rows on one thread
-        return tensor.repeat(4, *([1] * (tensor.dim() - 1)))
-
     threads = torch.get_num_threads()
     try:
         outputs = {}
@@ -140,13 +143,8 @@ def test_forward_spans_change_no_bit(options):
             with torch.no_grad():
                 outputs[count] = fused_biased_attention(**inputs, **common, **kernel)
         torch.set_num_threads(1)
-        with torch.no_grad():
-            whole_rows = fused_biased_attention(
-                **{name: repeated(t.detach()) for name, t in inputs.items()},
-                **{name: repeated(t) if torch.is_tensor(t) and name != "query_coordinates" else t
-                   for name, t in common.items()},
-                **kernel,
-            )
+        with torch.no_grad():  # the batch four times over: eight rows, whole rows on one thread
+            whole_rows = fused_biased_attention(**repeated_batch(inputs, 4), **repeated_batch(common, 4), **kernel)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outputs[1], outputs[2])
@@ -165,11 +163,8 @@ def test_backward_spans_sum_in_a_fixed_order():
     cotangent = torch.randn(2, 1, 700, 12, generator=torch.Generator().manual_seed(3))
 
     def gradients(batch_copies: int):
-        leaves = {name: t.detach().repeat(batch_copies, *([1] * (t.dim() - 1))).requires_grad_()
-                  for name, t in inputs.items()}
-        extra = {name: t.repeat(batch_copies, *([1] * (t.dim() - 1))) if torch.is_tensor(t) and name != "query_coordinates"
-                 else t for name, t in common.items()}
-        out = fused_biased_attention(**leaves, **extra, **kernel)
+        leaves = {name: t.detach().requires_grad_() for name, t in repeated_batch(inputs, batch_copies).items()}
+        out = fused_biased_attention(**leaves, **repeated_batch(common, batch_copies), **kernel)
         grads = torch.autograd.grad(out, [*leaves.values(), table.slopes, table.intercepts],
                                     cotangent.repeat(batch_copies, 1, 1, 1))
         rows = [g[:2] for g in grads[: len(leaves)]]  # the first copy of the batch

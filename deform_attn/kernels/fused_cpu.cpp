@@ -555,6 +555,28 @@ inline int64_t row_spans(int64_t rows, int64_t blocks, int64_t threads) {
     return std::max<int64_t>(1, std::min((wanted + rows - 1) / rows, blocks / 4));
 }
 
+// Item `item` of rows * spans: its row and its blocks [first, stop).
+struct Span {
+    int64_t row, first, stop;
+};
+inline Span span_of(int64_t item, int64_t spans, int64_t blocks) {
+    const int64_t span = item % spans;
+    return Span{item / spans, span * blocks / spans, (span + 1) * blocks / spans};
+}
+
+// The row whose keys and crossings a thread's scratch holds, and the block its last span there
+// stopped at. enter() records a span and says whether the row must be prepared: another row, or
+// an earlier span of this one (the crossings walk forward only).
+struct RowCursor {
+    int64_t row = -1, next_block = 0;
+    bool enter(const Span& span) {
+        const bool fresh = span.row != row || span.first < next_block;
+        row = span.row;
+        next_block = span.stop;
+        return fresh;
+    }
+};
+
 template <typename T> void forward(const Problem& p) {
     const int64_t n = p.length, d = p.channels, total = p.cells + p.null_keys;
     const int64_t blocks = (n + kBlock - 1) / kBlock;
@@ -566,32 +588,27 @@ template <typename T> void forward(const Problem& p) {
         Buffer<Run> runs;
         RowKeys<T> row_keys;
         RowCrossings crossings;
-    };
-    struct Prepared {
-        int64_t row = -1, next_block = 0;  // the row whose keys the scratch holds, and its next block
+        RowCursor cursor;
     };
     std::vector<Scratch> scratch(std::max<int64_t>(1, p.threads));
-    std::vector<Prepared> prepared(scratch.size());
     // items are spans of a row's blocks (whole rows unless rows are few): a thread prepares a
     // row's keys and crossings once for consecutive spans of it, then runs its blocks in order
     const int64_t spans = row_spans(p.rows, blocks, p.threads);
     parallel_for(p.rows * spans, p.threads, [&](int64_t item, int64_t thread) {
         Scratch& s = scratch[thread];
-        const int64_t row = item / spans, span = item % spans;
-        const int64_t first_block = span * blocks / spans, stop_block = (span + 1) * blocks / spans;
+        const Span span = span_of(item, spans, blocks);
+        const int64_t row = span.row;
         s.q_t.resize(d_padded * kBlock);
         s.scores.resize(total * kBlock);
         s.out_t.resize(d_padded * kBlock);
-        // the crossings walk forward only: a span before the last one prepared starts afresh
-        if (prepared[thread].row != row || first_block < prepared[thread].next_block) {
+        if (s.cursor.enter(span)) {
             s.row_keys.prepare(p, row);
             s.crossings.prepare(p, s.row_keys.coordinates);
         }
-        prepared[thread] = Prepared{row, stop_block};
         const RowKeys<T>& row_keys = s.row_keys;
         RowCrossings& crossings = s.crossings;
         s.intervals.resize(p.cells * kBlock);
-        for (int64_t block = first_block; block < stop_block; ++block) {
+        for (int64_t block = span.first; block < span.stop; ++block) {
             const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
             const int64_t columns = block_columns<T>(width);
             load_columns(row_pointer<T>(p.q, p.q_layout, row, p.heads), p.q_layout, start, width, d, s.q_t.data());
@@ -643,12 +660,9 @@ template <typename T> void backward(const Problem& p) {
         Buffer<int32_t> intervals;
         Buffer<T> q_t, q_rows, grad_out_t, grad_out_rows, weights, grad_scores, grad_q_t, t, derivative;
         Buffer<T> grad_keys, grad_values, grad_w, grad_slope, grad_intercept;
-    };
-    struct Prepared {
-        int64_t row = -1, next_block = 0;
+        RowCursor cursor;
     };
     std::vector<Scratch> scratch(std::max<int64_t>(1, p.threads));
-    std::vector<Prepared> prepared(scratch.size());
     // writes a row's gradients of its keys, values, null keys and values, key coordinates and
     // table column
     auto write_row = [&](int64_t row, const T* grad_keys, const T* grad_values, const T* grad_w,
@@ -678,14 +692,12 @@ template <typename T> void backward(const Problem& p) {
     Buffer<T> partials(spans > 1 ? p.rows * spans * slot : 0);
     parallel_for(p.rows * spans, p.threads, [&](int64_t item, int64_t thread) {
         Scratch& s = scratch[thread];
-        const int64_t row = item / spans, span = item % spans;
-        const int64_t first_block = span * blocks / spans, stop_block = (span + 1) * blocks / spans;
-        // the crossings walk forward only: a span before the last one prepared starts afresh
-        if (prepared[thread].row != row || first_block < prepared[thread].next_block) {
+        const Span span = span_of(item, spans, blocks);
+        const int64_t row = span.row;
+        if (s.cursor.enter(span)) {
             s.row_keys.prepare(p, row);
             s.crossings.prepare(p, s.row_keys.coordinates);
         }
-        prepared[thread] = Prepared{row, stop_block};
         const RowKeys<T>& row_keys = s.row_keys;
         RowCrossings& crossings = s.crossings;
         Buffer<Run>& runs = s.runs;
@@ -705,7 +717,7 @@ template <typename T> void backward(const Problem& p) {
         Buffer<T>&derivative = s.derivative, &grad_keys = s.grad_keys, &grad_values = s.grad_values;
         Buffer<T>&grad_w = s.grad_w, &grad_slope = s.grad_slope, &grad_intercept = s.grad_intercept;
         const T* lse = static_cast<const T*>(p.lse) + row * n;
-        for (int64_t block = first_block; block < stop_block; ++block) {
+        for (int64_t block = span.first; block < span.stop; ++block) {
             const int64_t start = block * kBlock, width = std::min(kBlock, n - start);
             const int64_t columns = block_columns<T>(width);
             const T* q = row_pointer<T>(p.q, p.q_layout, row, p.heads);
