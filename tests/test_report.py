@@ -116,6 +116,30 @@ def test_compute_table_groups_runs_by_budget():
     assert rows[0]["mean"] == pytest.approx(0.45) and rows[1]["low"] == rows[1]["high"] == pytest.approx(0.3)
 
 
+def test_compute_contrasts_pair_variants_at_the_same_budget():
+    # deformable's gain over the other variants, per budget and seed: none at a quarter and a half,
+    # 20 points at the whole budget
+    gains = {0.25: (0.01, -0.01, 0.0), 0.5: (0.02, -0.02, 0.0), 1.0: (0.20, 0.21, 0.19)}
+    records = []
+    for run in grid.build_grid("compute"):
+        budget = float(run.variant.split("=")[1].rstrip("]"))
+        # every variant gains with the budget, so a pair across budgets would not show these gains
+        value = 0.4 + 0.2 * budget + (gains[budget][run.seed] if run.model.attention == "deformable" else 0.0)
+        records.append(_record(run, value, kind="test_accuracy"))
+    rows = report.compute_contrasts(records, resamples=200)
+    tasks = sorted(grid.PRESETS["compute"]["tasks"])
+    assert [(row["task"], row["reference"], row["budget"]) for row in rows] == [
+        (task, reference, budget) for task in tasks for reference in ("full", "downsampled") for budget in gains]
+    assert all(row["variant"] == "deformable" and row["n"] == 3 for row in rows)
+    whole = [row for row in rows if row["budget"] == 1.0]
+    assert all(row["mean"] == pytest.approx(0.2) and row["verdict"] == "better" for row in whole)
+    assert all(row["verdict"] == "no significant difference" for row in rows if row["budget"] < 1.0)
+    # one Holm family over the twelve contrasts: each adjusted p is at least its own
+    assert all(row["p_holm"] >= row["p"] for row in rows)
+    tables = report.preset_tables(records, "compute", resamples=200)
+    assert [row["budget"] for row in tables["compute_contrasts"]] == [row["budget"] for row in rows]
+
+
 def test_summarize_prints_a_union_presets_tables_per_part(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(grid.PRESETS, "micro_both", {"parts": ["micro", "micro_tune"]})
     results = tmp_path / "r.jsonl"

@@ -44,6 +44,7 @@ __all__ = [
     "main_contrasts",
     "verdict",
     "compute_table",
+    "compute_contrasts",
     "format_rows",
     "preset_tables",
     "format_tables",
@@ -339,6 +340,29 @@ def compute_table(records: Iterable[RecordLike]) -> list[dict[str, Any]]:
     return rows
 
 
+def compute_contrasts(records: Iterable[RecordLike], *, resamples: int = 10_000) -> list[dict[str, Any]]:
+    """At equal training compute: deformable against each other variant, budget by budget.
+
+    For every budget fraction b of the compute runs, ``deformable[budget=b]`` minus
+    ``full[budget=b]`` and minus ``downsampled[budget=b]`` (paired by seed, as
+    :func:`contrast_table`), one Holm family over every task and budget.
+
+    Returns:
+        The rows of :func:`contrast_table`, each with its ``budget`` added, ordered by task,
+        reference and budget.
+    """
+    records = [as_record(r) for r in records]
+    budgets = sorted({b for b in map(_budget, (r.variant for r in records)) if b is not None})
+    references = [v for v in ("full", "downsampled") if any(r.attention == v for r in records)]
+    pairs = [(f"deformable[budget={b}]", f"{reference}[budget={b}]") for reference in references for b in budgets]
+    rows = contrast_table(records, pairs, resamples=resamples)
+    for row in rows:
+        row["budget"] = _budget(row["variant"])
+        row["reference"] = row["reference"].split("[")[0]
+        row["variant"] = row["variant"].split("[")[0]
+    return sorted(rows, key=lambda row: (row["task"], references.index(row["reference"]), row["budget"]))
+
+
 def _budget(variant: str) -> float | None:
     """The budget fraction in a variant name such as ``full[budget=0.5]``."""
     if "[" not in variant:
@@ -374,7 +398,8 @@ def preset_tables(
     ``main``: ``learned`` (the recipe search's targets), ``variants``, ``contrasts``
     (:func:`main_contrasts`: the complete tasks, Holm over the learned ones); ``lengths``: ``variants``, ``contrasts`` (the length
     contrasts on every stretch, one Holm family); ``sweeps``: ``contrasts`` (each swept setting
-    against the default layer, one family); ``compute``: ``compute``. Every preset also gets
+    against the default layer, one family); ``compute``: ``compute`` and ``compute_contrasts``
+    (:func:`compute_contrasts`). Every preset also gets
     ``missing``: one row per task with the number of its runs the pool lacks. A union preset
     (``cpu``) gives each part's tables under ``"part/table"``.
     """
@@ -409,6 +434,7 @@ def preset_tables(
         tables["contrasts"] = contrast_table(view, [(p, "deformable") for p in points], resamples=resamples)
     elif preset == "compute":
         tables["compute"] = compute_table(view)
+        tables["compute_contrasts"] = compute_contrasts(view, resamples=resamples)
     else:
         tables["variants"] = variant_table(view)
     return tables
@@ -422,6 +448,8 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     "contrasts": ("task", "variant", "reference", "n", "mean", "low", "high", "bootstrap_low", "bootstrap_high", "p",
                   "p_holm", "verdict"),
     "compute": ("task", "variant", "budget", "n", "steps", "train_flops", "mean", "low", "high"),
+    "compute_contrasts": ("task", "variant", "reference", "budget", "n", "mean", "low", "high", "p", "p_holm",
+                          "verdict"),
 }
 
 
