@@ -138,6 +138,13 @@ def test_compute_contrasts_pair_variants_at_the_same_budget():
     assert all(row["p_holm"] >= row["p"] for row in rows)
     tables = report.preset_tables(records, "compute", resamples=200)
     assert [row["budget"] for row in tables["compute_contrasts"]] == [row["budget"] for row in rows]
+    # a group with a seed still to come is left out, with the contrasts it takes part in
+    dropped = (tasks[0], "full[budget=0.5]", 2)
+    lacking = [r for r in records if (r["task"], r["variant"], r["seed"]) != dropped]
+    partial = report.compute_contrasts(lacking, resamples=200)
+    assert [(row["task"], row["reference"], row["budget"]) for row in partial] == [
+        (row["task"], row["reference"], row["budget"]) for row in rows
+        if (row["task"], row["reference"], row["budget"]) != (tasks[0], "full", 0.5)]
 
 
 def test_summarize_prints_a_union_presets_tables_per_part(tmp_path, monkeypatch, capsys):

@@ -345,13 +345,18 @@ def compute_contrasts(records: Iterable[RecordLike], *, resamples: int = 10_000)
 
     For every budget fraction b of the compute runs, ``deformable[budget=b]`` minus
     ``full[budget=b]`` and minus ``downsampled[budget=b]`` (paired by seed, as
-    :func:`contrast_table`), one Holm family over every task and budget.
+    :func:`contrast_table`), one Holm family over every task and budget. Only the (task,
+    variant) groups whose runs of the ``compute`` grid are all in ``records`` take part, so that
+    no verdict rests on part of its seeds.
 
     Returns:
         The rows of :func:`contrast_table`, each with its ``budget`` added, ordered by task,
         reference and budget.
     """
     records = [as_record(r) for r in records]
+    # "task/variant" of every run the grid still lacks
+    incomplete = {key.rsplit("/", 2)[0] for key in missing_runs(records, "compute")}
+    records = [r for r in records if f"{r.task}/{r.variant}" not in incomplete]
     budgets = sorted({b for b in map(_budget, (r.variant for r in records)) if b is not None})
     references = [v for v in ("full", "downsampled") if any(r.attention == v for r in records)]
     pairs = [(f"deformable[budget={b}]", f"{reference}[budget={b}]") for reference in references for b in budgets]
