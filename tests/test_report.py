@@ -147,6 +147,21 @@ def test_compute_contrasts_pair_variants_at_the_same_budget():
         if (row["task"], row["reference"], row["budget"]) != (tasks[0], "full", 0.5)]
 
 
+def test_a_length_or_sweep_contrast_waits_for_all_its_seeds():
+    records = [_record(run, 0.5 + 0.1 * run.seed + (run.variant == "deformable") * 0.05, kind="test_accuracy")
+               for run in grid.build_grid("lengths")]
+    whole = report.preset_tables(records, "lengths", resamples=200)["contrasts"]
+    pairs = {(row["task"], row["reference"]) for row in whole}
+    tasks = grid.PRESETS["lengths"]["tasks"]
+    assert pairs == {(task, reference) for task in tasks for reference in ("downsampled", "full")}
+    last = next(r for r in reversed(records) if r["variant"] == "full")
+    partial = report.preset_tables([r for r in records if r is not last], "lengths", resamples=200)["contrasts"]
+    assert {(row["task"], row["reference"]) for row in partial} == pairs - {(last["task"], "full")}
+    # the table of each variant's own metric still shows what is in
+    assert any(row["task"] == last["task"] and row["variant"] == "full" and row["n"] == 2
+               for row in report.preset_tables([r for r in records if r is not last], "lengths")["variants"])
+
+
 def test_summarize_prints_a_union_presets_tables_per_part(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(grid.PRESETS, "micro_both", {"parts": ["micro", "micro_tune"]})
     results = tmp_path / "r.jsonl"

@@ -38,6 +38,7 @@ __all__ = [
     "preset_view",
     "missing_runs",
     "complete_tasks",
+    "complete_groups",
     "learned_tasks",
     "variant_table",
     "contrast_table",
@@ -133,6 +134,18 @@ def missing_runs(records: Iterable[RecordLike], preset: str) -> list[str]:
     """The keys of ``preset``'s runs that ``records`` lack, in grid order."""
     have = {as_record(record).key for record in records}
     return [run.key for run in _grid(preset) if run.key not in have]
+
+
+def complete_groups(records: Iterable[RecordLike], preset: str) -> list[Record]:
+    """The records of the (task, variant) groups none of whose runs of ``preset`` is missing.
+
+    A paired contrast taken on these never rests on part of a variant's seeds: a group whose
+    last seeds are still training stays out until they are in.
+    """
+    records = [as_record(r) for r in records]
+    # "task/variant" of every run the grid still lacks
+    incomplete = {key.rsplit("/", 2)[0] for key in missing_runs(records, preset)}
+    return [r for r in records if f"{r.task}/{r.variant}" not in incomplete]
 
 
 def complete_tasks(records: Iterable[RecordLike], preset: str) -> list[str]:
@@ -353,10 +366,7 @@ def compute_contrasts(records: Iterable[RecordLike], *, resamples: int = 10_000)
         The rows of :func:`contrast_table`, each with its ``budget`` added, ordered by task,
         reference and budget.
     """
-    records = [as_record(r) for r in records]
-    # "task/variant" of every run the grid still lacks
-    incomplete = {key.rsplit("/", 2)[0] for key in missing_runs(records, "compute")}
-    records = [r for r in records if f"{r.task}/{r.variant}" not in incomplete]
+    records = complete_groups(records, "compute")
     budgets = sorted({b for b in map(_budget, (r.variant for r in records)) if b is not None})
     references = [v for v in ("full", "downsampled") if any(r.attention == v for r in records)]
     pairs = [(f"deformable[budget={b}]", f"{reference}[budget={b}]") for reference in references for b in budgets]
@@ -433,10 +443,11 @@ def preset_tables(
         tables["contrasts"] = main_contrasts(view, recipes=recipes, resamples=resamples)
     elif preset == "lengths":
         tables["variants"] = variant_table(view)
-        tables["contrasts"] = contrast_table(view, LENGTH_CONTRASTS, resamples=resamples)
+        tables["contrasts"] = contrast_table(complete_groups(view, preset), LENGTH_CONTRASTS, resamples=resamples)
     elif preset == "sweeps":
         points = sorted({r.variant for r in view if r.axis is not None})
-        tables["contrasts"] = contrast_table(view, [(p, "deformable") for p in points], resamples=resamples)
+        tables["contrasts"] = contrast_table(complete_groups(view, preset), [(p, "deformable") for p in points],
+                                             resamples=resamples)
     elif preset == "compute":
         tables["compute"] = compute_table(view)
         tables["compute_contrasts"] = compute_contrasts(view, resamples=resamples)
