@@ -449,7 +449,8 @@ def preset_tables(
         tables["contrasts"] = contrast_table(complete_groups(view, preset), [(p, "deformable") for p in points],
                                              resamples=resamples)
     elif preset == "compute":
-        tables["compute"] = compute_table(view)
+        # as chapter 9 draws it: the budget points whose seeds are all in
+        tables["compute"] = compute_table(complete_groups(view, preset))
         tables["compute_contrasts"] = compute_contrasts(view, resamples=resamples)
     else:
         tables["variants"] = variant_table(view)
