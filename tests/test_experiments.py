@@ -1104,7 +1104,8 @@ def test_clip_gradients_is_torchs_clip_grad_norm():
 
 
 def test_make_optimizer_is_adamw_with_the_recipes_settings():
-    """The fused update takes the same steps as AdamW's loop, with the recipe's lr and weight decay."""
+    """The runner's update is AdamW's per-parameter loop, bit for bit, with the recipe's lr and weight
+    decay (the update of every published record; the fused one is not bitwise the same)."""
     from deform_attn.experiments.train import make_optimizer
 
     config = TrainConfig(lr=3e-3, weight_decay=0.05)
@@ -1114,6 +1115,7 @@ def test_make_optimizer_is_adamw_with_the_recipes_settings():
     optimizer = make_optimizer(ours, config)
     reference = torch.optim.AdamW(theirs.parameters(), lr=3e-3, weight_decay=0.05, foreach=False)
     assert optimizer.defaults["lr"] == 3e-3 and optimizer.defaults["weight_decay"] == 0.05
+    assert not optimizer.defaults["fused"]
     for step in range(4):
         x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
         for model, opt in ((ours, optimizer), (theirs, reference)):
@@ -1121,4 +1123,4 @@ def test_make_optimizer_is_adamw_with_the_recipes_settings():
             model(x).square().sum().backward()
             opt.step()
     for mine, expected in zip(ours.parameters(), theirs.parameters()):
-        torch.testing.assert_close(mine, expected, rtol=1e-6, atol=1e-7)
+        assert torch.equal(mine, expected)

@@ -256,17 +256,16 @@ def step_flops(data: TaskData, model_config: ModelConfig, train_config: TrainCon
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the recipe's learning rate and weight decay, one fused update for all parameters.
+    """AdamW with the recipe's learning rate and weight decay, the update of every published record.
 
-    The fused update computes AdamW's rule in one call per step instead of about ten tensor
-    operations per parameter (the deformable models have 50 parameter tensors, the full ones
-    28); where this torch has no fused kernel for the parameters' device, the usual loop runs.
+    The multi-tensor update (``foreach=True``, a few calls per step instead of about ten tensor
+    operations per parameter) gives bit for bit the parameters of torch's per-parameter loop.
+    torch's fused CPU update does not: it follows the same rule to about 1e-7 per step, but the
+    ablation models amplify such differences within a few hundred steps, and MNIST-1D deformable
+    models trained with it ended markedly lower on the same seeds, so records from it are not mixed
+    with the others.
     """
-    parameters = list(model.parameters())
-    try:
-        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    except (RuntimeError, ValueError):  # no fused AdamW for this device or torch version
-        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
 
 def clip_gradients(parameters, max_norm: float) -> Tensor:
