@@ -258,6 +258,14 @@ def piecewise_linear_table_tensors(linears: list[nn.Linear], dtype: torch.dtype)
     return PiecewiseLinearTable(kinks.to(dtype), slopes.to(dtype), intercepts.to(dtype))
 
 
+def _same_values(snapshot: list[Tensor], parameters: list[Tensor]) -> bool:
+    """Whether the parameters still hold the snapshot's numbers (same dtypes and devices too)."""
+    return len(snapshot) == len(parameters) and all(
+        saved.dtype == current.dtype and saved.device == current.device and torch.equal(saved, current)
+        for saved, current in zip(snapshot, parameters)
+    )
+
+
 class ContinuousPositionBias(nn.Module):
     """SwinV2's continuous position bias for one offset group: distance -> bias per head.
 
@@ -304,19 +312,22 @@ class ContinuousPositionBias(nn.Module):
         """
         if self.frozen_table is not None:
             return PiecewiseLinearTable(*(part.to(dtype) for part in self.frozen_table))
-        parameters = list(self.parameters())
+        linears = list(self.linears)
+        parameters = _table_parameters(linears)
         if torch.is_grad_enabled() and any(parameter.requires_grad for parameter in parameters):
-            return piecewise_linear_table(list(self.linears), dtype)  # carries the graph to the weights
-        # Without gradients the table is a constant of the weights: reuse it while they are unchanged
-        # (in-place updates bump a tensor's version; .to() makes new tensors). Finding the kinks costs
-        # ~0.2 ms, 5% of an inference forward at batch 32, n = 96.
-        key = (dtype, tuple((id(parameter), parameter._version) for parameter in parameters))
+            return piecewise_linear_table(linears, dtype)  # carries the graph to the weights
+        # Without gradients the table is a constant of the weights: reuse it while their values are
+        # unchanged. Finding the kinks costs ~0.2 ms, 5% of an inference forward at batch 32, n = 96;
+        # comparing the few hundred weights a few microseconds. Values are compared, not the tensors'
+        # version counters: torch's fused optimizers and writes through .data change parameters
+        # without bumping their versions, and a stale table would be silently wrong.
         cached = getattr(self, "_inference_table", None)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != dtype or not _same_values(cached[1], parameters):
             with torch.no_grad():
-                cached = (key, piecewise_linear_table(list(self.linears), dtype))
+                snapshot = [parameter.detach().clone() for parameter in parameters]
+                cached = (dtype, snapshot, piecewise_linear_table(linears, dtype))
             self._inference_table = cached
-        return cached[1]
+        return cached[2]
 
     def freeze(self) -> PiecewiseLinearTable:
         """Compute the table once, in float64, and use it until :meth:`unfreeze`.

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import max_relative_error
+from conftest import make_layer, max_relative_error
 
 from deform_attn import ContinuousPositionBias, piecewise_linear_table, signed_log_distance
 from deform_attn.kernels import fused_available
@@ -243,6 +243,67 @@ def test_table_argument_is_reused():
     distance = random_distances(True, torch.float64)
     table = cpb.table(torch.float64)
     torch.testing.assert_close(cpb(distance, table), cpb(distance), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- the inference table
+
+
+def _update_without_version_bump(cpb: ContinuousPositionBias, how: str) -> None:
+    """Change every weight the way some training code does, without bumping the tensors' versions."""
+    if how == "fused_adamw":  # torch's fused update writes the parameters in place, uncounted
+        optimizer = torch.optim.AdamW(cpb.parameters(), lr=0.1, fused=True)
+        for parameter in cpb.parameters():
+            parameter.grad = torch.ones_like(parameter)
+        optimizer.step()
+    else:  # an assignment through .data, as in hand-written EMA or weight surgery
+        for parameter in cpb.parameters():
+            parameter.data.mul_(1.5).add_(0.01)
+
+
+@pytest.mark.parametrize("how", ["fused_adamw", "data"])
+def test_inference_table_follows_updates_that_keep_the_version(how):
+    """Without gradients the table is cached; any change of the weights' values must refresh it."""
+    cpb = make_cpb("trained", depth=2, num_outputs=2, dtype=torch.float32)
+    distance = random_distances(True, torch.float32)
+    with torch.no_grad():
+        before = cpb(distance)
+        versions = [parameter._version for parameter in cpb.parameters()]
+        _update_without_version_bump(cpb, how)
+        # the case this guards: the update left every version where it was
+        assert [parameter._version for parameter in cpb.parameters()] == versions
+        after = cpb(distance)
+        fresh = piecewise_linear_table(list(cpb.linears), torch.float32)
+        cached = cpb.table(torch.float32)
+    assert not torch.allclose(after, before)  # the update changed the bias
+    torch.testing.assert_close(after, cpb.mlp(cpb.transform(distance)[..., None]).detach(), rtol=1e-5, atol=1e-5)
+    for part, expected in zip(cached, fresh):
+        torch.testing.assert_close(part, expected, rtol=0, atol=0)
+
+
+def test_inference_table_is_reused_while_the_weights_are_unchanged():
+    cpb = make_cpb("trained", depth=2)
+    with torch.no_grad():
+        first = cpb.table(torch.float64)
+        assert cpb.table(torch.float64) is first
+        assert cpb.table(torch.float32) is not first  # a table per dtype
+        assert cpb.table(torch.float32) is cpb.table(torch.float32)
+
+
+def test_layer_in_eval_mode_follows_a_fused_optimizer_step():
+    """The user-facing case: evaluate, take a fused AdamW step, evaluate again; equals a fresh copy."""
+    layer = make_layer(heads=4, offset_groups=2)
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+    layer.train()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.05, fused=True)
+    layer(x).pow(2).sum().backward()
+    optimizer.step()
+    layer.eval()
+    fresh = make_layer(heads=4, offset_groups=2)
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), fresh(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("num_outputs", [1, 2])

@@ -259,11 +259,12 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     """AdamW with the recipe's learning rate and weight decay, the update of every published record.
 
     The multi-tensor update (``foreach=True``, a few calls per step instead of about ten tensor
-    operations per parameter) gives bit for bit the parameters of torch's per-parameter loop.
-    torch's fused CPU update does not: it follows the same rule to about 1e-7 per step, but the
-    ablation models amplify such differences within a few hundred steps, and MNIST-1D deformable
-    models trained with it ended markedly lower on the same seeds, so records from it are not mixed
-    with the others.
+    operations per parameter) gives bit for bit the parameters of torch's per-parameter loop, which
+    trained the main comparison. torch's fused CPU update follows the same rule to about 1e-7 per
+    step, and the ablation models amplify such differences within a few hundred steps, so records
+    from it would not pair step for step with the others. (It also leaves the parameters' version
+    counters alone, which once kept the position bias's inference table stale through every
+    evaluation after the first; the table now compares the weights' values.)
     """
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
