@@ -496,6 +496,7 @@ def test_bad_cli_arguments_exit_with_a_clear_message(capsys):
         (["run", "--preset", "micro", "--shard", "5/2"], "--shard"),
         (["run", "--preset", "micro", "--jobs", "2", "--shard", "0/2"], "--jobs and --shard"),
         (["run", "--preset", "micro", "--tasks", "listops"], "--tasks"),
+        (["run", "--preset", "micro", "--checkpoint-every", "0"], "--checkpoint-every: expected a positive"),
     ]:
         with pytest.raises(SystemExit) as stop:
             main(argv)
@@ -648,6 +649,137 @@ def test_shard_results_merge_into_the_whole_grid(tmp_path):
     assert main(["merge", str(tmp_path / "all.jsonl"), str(tmp_path / "s0.jsonl"), str(tmp_path / "s1.jsonl"), str(tmp_path / "s0.jsonl")]) == 0
     merged = records.read_records(tmp_path / "all.jsonl")
     assert sorted(r["key"] for r in merged) == sorted(r.key for r in grid.build_grid("micro"))
+
+
+class _Killed(Exception):
+    """Stands for the process dying right after a checkpoint was written."""
+
+
+def _die_after_saves(monkeypatch, count):
+    """Let the first ``count`` checkpoint saves happen, then 'kill' the run."""
+    real, saves = train_module._save_checkpoint, []
+
+    def save(path, state):
+        real(path, state)
+        saves.append(state["step"])
+        if len(saves) == count:
+            raise _Killed
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save)
+    return saves
+
+
+def _trained_alike(a, b):
+    """Same metrics, validation, learning curve (less its clocks) and per-example test outcomes."""
+    untimed = [[{k: v for k, v in point.items() if k not in ("cpu_s", "wall_s")} for point in r["learning_curve"]]
+               for r in (a, b)]
+    return (a["metrics"] == b["metrics"] and a["validation"] == b["validation"] and untimed[0] == untimed[1]
+            and a["test_outcomes"] == b["test_outcomes"] and a["train_flops"] == b["train_flops"])
+
+
+def _resumable_run():
+    """A micro run whose every source of randomness is live: dropout, input noise, new epochs."""
+    run = grid.build_grid("micro")[0]
+    data = tasks.make_task(run.task, dict(run.task_params), run.seed)
+    model = dataclasses.replace(run.model, dropout=0.2)
+    # 64 examples less a fold of 7, batches of 8: an epoch every 7 steps
+    train = dataclasses.replace(run.train, steps=17, curve_points=4, input_noise=0.1)
+    return data, model, train
+
+
+def test_a_run_killed_after_a_checkpoint_ends_as_if_never_interrupted(tmp_path, monkeypatch):
+    data, model, train = _resumable_run()
+    whole = train_module.train_and_evaluate(data, model, train, seed=3, device=torch.device("cpu"))
+    checkpoint = train_module.Checkpoint(tmp_path / "run.pt", every_s=0.0, identity={"key": "k", "commit": "c"})
+    saves = _die_after_saves(monkeypatch, 9)
+    with pytest.raises(_Killed):
+        train_module.train_and_evaluate(data, model, train, seed=3, device=torch.device("cpu"), checkpoint=checkpoint)
+    assert saves == list(range(1, 10)) and checkpoint.path.is_file()  # a save after every step
+    monkeypatch.undo()
+    resumed = train_module.train_and_evaluate(data, model, train, seed=3, device=torch.device("cpu"),
+                                              checkpoint=checkpoint)
+    assert resumed["resumed_from_step"] == 9 and whole["resumed_from_step"] == 0
+    assert _trained_alike(resumed, whole)
+    assert resumed["earlier_cpu_s"] > 0 and resumed["train_cpu_s"] >= resumed["learning_curve"][-1]["cpu_s"]
+    # the curve's clocks carry on from the earlier process: they only grow
+    clocks = [point["cpu_s"] for point in resumed["learning_curve"]]
+    assert clocks == sorted(clocks)
+
+
+def test_a_checkpoint_of_another_run_is_ignored_with_a_message(tmp_path, monkeypatch, capsys):
+    data, model, train = _resumable_run()
+    whole = train_module.train_and_evaluate(data, model, train, seed=3, device=torch.device("cpu"))
+    path = tmp_path / "run.pt"
+    _die_after_saves(monkeypatch, 5)
+    with pytest.raises(_Killed):
+        train_module.train_and_evaluate(data, model, train, seed=3, device=torch.device("cpu"),
+                                        checkpoint=train_module.Checkpoint(path, 0.0, {"commit": "old"}))
+    monkeypatch.undo()
+    fresh = train_module.train_and_evaluate(data, model, train, seed=3, device=torch.device("cpu"),
+                                            checkpoint=train_module.Checkpoint(path, 0.0, {"commit": "new"}))
+    assert fresh["resumed_from_step"] == 0 and fresh["earlier_cpu_s"] == 0.0 and _trained_alike(fresh, whole)
+    assert "holds another run" in capsys.readouterr().err
+    path.write_bytes(b"not a checkpoint")  # a torn or foreign file costs the saved steps, not the run
+    again = train_module.train_and_evaluate(data, model, train, seed=3, device=torch.device("cpu"),
+                                            checkpoint=train_module.Checkpoint(path, 0.0, {"commit": "new"}))
+    assert again["resumed_from_step"] == 0 and _trained_alike(again, whole)
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def test_checkpoint_interval_must_not_be_negative(tmp_path):
+    with pytest.raises(ValueError, match="every_s"):
+        train_module.Checkpoint(tmp_path / "run.pt", every_s=-1.0)
+
+
+def test_the_runner_resumes_a_killed_run_from_its_checkpoint(tmp_path, monkeypatch):
+    """A grid killed in its second run: the next call skips the first, resumes the second from its
+    last save, and every record equals that of a grid never interrupted; no state is left behind."""
+    from deform_attn.experiments import runner
+
+    seeds = [0]
+    whole = tmp_path / "whole.jsonl"
+    runner.run_grid("micro", whole, seeds=seeds, progress=False, checkpoint_every=None)
+    assert not runner.checkpoint_folder(whole).exists()
+    out = tmp_path / "killed.jsonl"
+    _die_after_saves(monkeypatch, 2 + 1)  # the micro runs take 3 steps, saved after steps 1 and 2
+    with pytest.raises(_Killed):
+        runner.run_grid("micro", out, seeds=seeds, progress=False, checkpoint_every=0.0)
+    monkeypatch.undo()
+    first = records.read_records(out)
+    assert len(first) == 1
+    key = grid.build_grid("micro", seeds=seeds)[1].key
+    assert runner.checkpoint_file(out, key).is_file() and len(list(runner.checkpoint_folder(out).iterdir())) == 1
+    counts = runner.run_grid("micro", out, seeds=seeds, progress=False, checkpoint_every=0.0)
+    assert counts["skipped"] == 1 and counts["trained"] == counts["grid"] - 1
+    assert list(runner.checkpoint_folder(out).iterdir()) == []
+    resumed, reference = records.read_records(out), records.read_records(whole)
+    assert [r["key"] for r in resumed] == [r["key"] for r in reference]
+    for a, b in zip(resumed, reference):
+        assert a["config_hash"] == b["config_hash"]
+        assert a["metrics"] == b["metrics"] and a["test_outcomes"] == b["test_outcomes"]
+        assert [p["train_loss"] for p in a["learning_curve"]] == [p["train_loss"] for p in b["learning_curve"]]
+    assert resumed[1]["run_cpu_s"] >= resumed[1]["train_cpu_s"] > 0
+
+
+def test_worker_processes_get_the_checkpoint_setting(tmp_path, monkeypatch):
+    from deform_attn.experiments import runner
+
+    started = []
+
+    class Worker:
+        def __init__(self, command):
+            started.append(command)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(runner.subprocess, "Popen", Worker)
+    out = str(tmp_path / "r.jsonl")
+    assert runner.main(["run", "--preset", "micro", "--jobs", "2", "--checkpoint-every", "30", "--out", out]) == 0
+    assert all(command[command.index("--checkpoint-every") + 1] == "30.0" for command in started)
+    started.clear()
+    assert runner.main(["run", "--preset", "micro", "--jobs", "2", "--no-checkpoints", "--out", out]) == 0
+    assert len(started) == 2 and all("--no-checkpoints" in command for command in started)
 
 
 def test_runner_refuses_to_resume_into_records_of_an_older_schema(tmp_path, capsys):

@@ -2,7 +2,8 @@
 
 Commands::
 
-    run        train the grid of a preset (resumable, shardable), one JSON line per finished run
+    run        train the grid of a preset (resumable, shardable), one JSON line per finished run; the
+               run in progress saves its training state every minute, so a killed run goes on
     list       print the runs of a preset (or of one shard) without training
     merge      merge result files (e.g. one per shard) into one, dropping duplicates
     summarize  mean +- 95% CI per task and variant, paired differences, optional plots; with
@@ -20,6 +21,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from typing import Any
 
 from ..provenance import git_commit  # re-exported: runner.git_commit was public before provenance
 
-__all__ = ["main", "run_grid", "check_resumable", "git_commit"]
+__all__ = ["main", "run_grid", "check_resumable", "checkpoint_folder", "checkpoint_file", "git_commit"]
 
 DEFAULT_RESULTS_DIR = Path("results")
 
@@ -55,6 +57,17 @@ def check_resumable(output: Path) -> list[dict[str, Any]]:
     return existing
 
 
+def checkpoint_folder(output: Path) -> Path:
+    """Where the runs of results file ``output`` keep their training state while they train."""
+    output = Path(output)
+    return output.with_name(output.name + ".checkpoints")
+
+
+def checkpoint_file(output: Path, key: str) -> Path:
+    """The training-state file of the run ``key`` writing into ``output``."""
+    return checkpoint_folder(output) / (re.sub(r"[^A-Za-z0-9._=-]+", "_", key) + ".pt")
+
+
 def _default_output(preset: str, shard_spec: str | None) -> Path:
     name = "results.jsonl" if shard_spec is None else "results-shard{}of{}.jsonl".format(*shard_spec.split("/"))
     return DEFAULT_RESULTS_DIR / preset / name
@@ -71,6 +84,7 @@ def run_grid(
     progress: bool = True,
     command: str | None = None,
     time_limit: float | None = None,
+    checkpoint_every: float | None = 60.0,
 ) -> dict[str, int]:
     """Train every unfinished run of ``preset`` (this shard's part) and append one record per run.
 
@@ -84,6 +98,12 @@ def run_grid(
         command: the command line stored in every record.
         time_limit: seconds after which no further run starts (a run in progress finishes);
             the runs left are counted in ``left`` and a later call resumes with them.
+        checkpoint_every: wall seconds between saves of the training state of the run in
+            progress, in :func:`checkpoint_folder` (``None``: no saves). A run killed part-way
+            goes on from its last save in the next call, if that call has the same commit, torch
+            and device, and ends as it would have uninterrupted; its record's ``run_wall_s``,
+            ``run_cpu_s``, ``train_time_s`` and ``train_cpu_s`` add the time the earlier processes
+            spent up to that save. The file is removed once the record is written.
 
     Returns:
         Counts: ``grid``, ``skipped``, ``trained``, ``left`` and ``non_finite`` runs.
@@ -93,7 +113,7 @@ def run_grid(
     from .records import append_record
     from .schema import ENVIRONMENT_FIELDS, SCHEMA_VERSION, Record
     from .tasks import make_task
-    from .train import primary_metric, resolve_device, train_and_evaluate
+    from .train import Checkpoint, primary_metric, resolve_device, train_and_evaluate
 
     runs = build_grid(preset, seeds=seeds, tasks=tasks)
     if shard_spec is not None:
@@ -120,7 +140,13 @@ def run_grid(
             cache_key, data = (run.task, run.task_params, run.seed), None
             data = make_task(run.task, dict(run.task_params), run.seed)
         cpu_start, wall_start = time.process_time(), time.perf_counter()
-        result = train_and_evaluate(data, run.model, run.train, seed=run.seed, device=target, progress=False)
+        checkpoint = None
+        if checkpoint_every is not None:
+            identity = {"key": run.key, "config_hash": run.config_hash, "git_commit": environment["git_commit"],
+                        "torch": environment["torch"], "device": str(target)}
+            checkpoint = Checkpoint(checkpoint_file(output, run.key), checkpoint_every, identity)
+        result = train_and_evaluate(data, run.model, run.train, seed=run.seed, device=target, progress=False,
+                                    checkpoint=checkpoint)
         primary, higher_is_better = primary_metric(data.kind)
         record = Record(
             schema=SCHEMA_VERSION,
@@ -156,8 +182,8 @@ def run_grid(
             train_cpu_s=result["train_cpu_s"],
             train_flops=result["train_flops"],
             eval_time_s=result["eval_time_s"],
-            run_wall_s=time.perf_counter() - wall_start,
-            run_cpu_s=time.process_time() - cpu_start,
+            run_wall_s=result["earlier_wall_s"] + time.perf_counter() - wall_start,
+            run_cpu_s=result["earlier_cpu_s"] + time.process_time() - cpu_start,
             amp=result["amp_used"],
             **environment,
             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -165,6 +191,8 @@ def run_grid(
         failed += not result["finite"]
         trained += 1
         append_record(output, record.to_dict())
+        if checkpoint is not None:
+            checkpoint.path.unlink(missing_ok=True)
     return {"grid": len(runs), "skipped": len(runs) - len(todo), "trained": trained, "left": len(todo) - trained,
             "non_finite": failed}
 
@@ -181,6 +209,10 @@ def _run_jobs(args: argparse.Namespace, output: Path) -> int:
             command += ["--tasks", *args.tasks]
         if args.time_limit is not None:
             command += ["--time-limit", str(args.time_limit)]
+        if args.no_checkpoints:
+            command.append("--no-checkpoints")
+        else:
+            command += ["--checkpoint-every", str(args.checkpoint_every)]
         if j > 0 or args.quiet:
             command.append("--quiet")
         workers.append(subprocess.Popen(command))
@@ -209,6 +241,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                      help="start no run after SECONDS (runs in progress finish; a later call resumes)")
+    run.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                     help="save the training state of the run in progress every SECONDS of wall time, next to "
+                          "--out; a run killed part-way goes on from there in the next call (default: %(default)s)")
+    run.add_argument("--no-checkpoints", action="store_true", help="save no training state (a killed run starts over)")
 
     listing = commands.add_parser("list", help="print the runs without training")
     add_grid_arguments(listing)
@@ -256,6 +292,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                 raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
             if args.time_limit is not None and not args.time_limit > 0:
                 raise ValueError(f"--time-limit: expected a positive number of seconds, got {args.time_limit}")
+            if not args.checkpoint_every > 0:
+                raise ValueError(
+                    f"--checkpoint-every: expected a positive number of seconds, got {args.checkpoint_every}"
+                )
             from .train import resolve_device
 
             resolve_device(args.device)
@@ -299,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         command = shlex.join(["python", "-m", "deform_attn.experiments", *(sys.argv[1:] if argv is None else argv)])
         counts = run_grid(args.preset, output, shard_spec=args.shard, seeds=args.seeds, tasks=args.tasks,
-                          device=args.device, progress=not args.quiet, command=command, time_limit=args.time_limit)
+                          device=args.device, progress=not args.quiet, command=command, time_limit=args.time_limit,
+                          checkpoint_every=None if args.no_checkpoints else args.checkpoint_every)
         print(f"{args.preset}: {counts} in {time.perf_counter() - start:.0f} s -> {output}")
         return 1 if counts["non_finite"] else 0
     if args.command == "merge":

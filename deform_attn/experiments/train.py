@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +29,7 @@ from .tasks import Split, TaskData
 
 __all__ = [
     "TrainConfig", "train_and_evaluate", "resolve_device", "validation_split", "evaluate", "primary_metric", "step_flops",
-    "make_optimizer", "clip_gradients",
+    "make_optimizer", "clip_gradients", "Checkpoint",
 ]
 
 # examples whose fold is drawn by this fixed generator, so every seed and variant share the fold
@@ -295,6 +298,59 @@ def _add_noise(x: Tensor, mask: Tensor | None, std: float, generator: torch.Gene
     return x + noise
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a run keeps its training state while it trains, so that a killed run resumes.
+
+    Every ``every_s`` wall seconds (``0``: after every step) the run writes everything its next
+    steps depend on: weights, optimizer and schedule, the random states (initialisation is done,
+    but dropout, batch order and noise still draw), the epoch's batch order, the losses and
+    learning curve so far, and its clocks. A run given a file that holds a state with the same
+    ``identity`` goes on from that step and ends with the same weights, metrics and curve as a run
+    never interrupted (on the same device and torch); a state of another identity is ignored.
+
+    Args:
+        path: the file; written whole or not at all (a new file replaces the old one). The caller
+            removes it once the run's record is written.
+        every_s: wall seconds between saves.
+        identity: what a saved state must match to be resumed, e.g. the run's key, config hash,
+            commit, torch version and device.
+    """
+
+    path: Path
+    every_s: float = 60.0
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+        if not self.every_s >= 0:
+            raise ValueError(f"every_s: expected a non-negative number of seconds, got {self.every_s!r}")
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a reader finds the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _load_checkpoint(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
+    """The saved state of ``checkpoint`` if there is one of its identity, else None."""
+    if checkpoint is None or not checkpoint.path.is_file():
+        return None
+    try:
+        state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a file that cannot be read is not worth losing a run over
+        print(f"checkpoint: {checkpoint.path} cannot be read ({error}); training from step 0", file=sys.stderr)
+        return None
+    if state.get("identity") != checkpoint.identity:
+        print(f"checkpoint: {checkpoint.path} holds another run ({state.get('identity')}, expected "
+              f"{checkpoint.identity}); training from step 0", file=sys.stderr)
+        return None
+    return state
+
+
 def train_and_evaluate(
     data: TaskData,
     model_config: ModelConfig,
@@ -303,12 +359,14 @@ def train_and_evaluate(
     seed: int,
     device: torch.device,
     progress: bool = False,
+    checkpoint: Checkpoint | None = None,
 ) -> dict[str, Any]:
     """Train a fresh model on ``data`` and return its metrics and bookkeeping.
 
     ``seed`` fixes the initialisation (``torch.manual_seed``), the batch order and the
     augmentation noise (generators of their own), so a run is reproducible on the same device
-    and torch version.
+    and torch version. With a ``checkpoint`` the run saves its state as it trains and, if the
+    file already holds a state of the same run, goes on from there (:class:`Checkpoint`).
 
     Returns:
         A dict with ``metrics`` (test metrics after the last step and ``final_train_loss``),
@@ -316,7 +374,10 @@ def train_and_evaluate(
         ``learning_curve`` (``[{"step", "train_loss", "cpu_s", "wall_s", <validation metrics>}]``),
         ``test_outcomes`` (per test example, in the split's order), ``finite``, ``params``,
         ``train_time_s``, ``train_cpu_s``, ``eval_time_s``, ``train_flops``, ``num_train``,
-        ``num_validation`` and ``amp_used``.
+        ``num_validation``, ``amp_used``, ``resumed_from_step`` (0 for a run trained in one go) and
+        ``earlier_wall_s``, ``earlier_cpu_s``: the time this function spent in earlier processes up
+        to the state it resumed from (0.0 without one), which ``train_time_s`` and ``train_cpu_s``
+        include for the training steps.
     """
     train, validation = validation_split(data.train, train_config.validation_folds, train_config.validation_fold)
     torch.manual_seed(seed)
@@ -330,9 +391,16 @@ def train_and_evaluate(
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
 
+    entry_wall, entry_cpu = time.perf_counter(), time.process_time()
     model.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # counting draws no randomness of the run
-        train_flops = _training_flops(model, data, train, train_config, device, autocast)
+    saved = _load_checkpoint(checkpoint)
+    if saved is None:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # counting draws no randomness of the run
+            train_flops = _training_flops(model, data, train, train_config, device, autocast)
+        first_step, earlier_wall, earlier_cpu = 0, 0.0, 0.0
+    else:
+        train_flops, first_step = saved["train_flops"], saved["step"]
+        earlier_wall, earlier_cpu = saved["run_wall_s"], saved["run_cpu_s"]
 
     steps = train_config.steps
     points = min(train_config.curve_points, steps) if validation is not None else 0
@@ -340,13 +408,40 @@ def train_and_evaluate(
     permutation, cursor = torch.randperm(len(train), generator=order_generator), 0
     losses: list[float] = []
     curve: list[dict[str, float]] = []
-    iterator = range(steps)
+    train_time = train_cpu = 0.0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        order_generator.set_state(saved["order_generator"])
+        noise_generator.set_state(saved["noise_generator"])
+        permutation, cursor = saved["permutation"], saved["cursor"]
+        losses, curve = list(saved["losses"]), list(saved["curve"])
+        train_time, train_cpu = saved["train_time"], saved["train_cpu"]
+
+    def save(next_step: int) -> None:
+        _save_checkpoint(checkpoint.path, {
+            "identity": checkpoint.identity, "step": next_step, "train_flops": train_flops,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "order_generator": order_generator.get_state(), "noise_generator": noise_generator.get_state(),
+            "permutation": permutation, "cursor": cursor, "losses": losses, "curve": curve,
+            "train_time": train_time, "train_cpu": train_cpu,
+            "run_wall_s": earlier_wall + time.perf_counter() - entry_wall,
+            "run_cpu_s": earlier_cpu + time.process_time() - entry_cpu,
+        })
+
+    iterator = range(first_step, steps)
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="steps", leave=False, mininterval=2.0)
-    train_time = train_cpu = 0.0
     wall_start, cpu_start = time.perf_counter(), time.process_time()
+    last_save = wall_start
     for step in iterator:
         if cursor + train_config.batch_size > len(permutation):  # a new epoch: a new order
             permutation, cursor = torch.randperm(len(train), generator=order_generator), 0
@@ -373,6 +468,15 @@ def train_and_evaluate(
             curve.append({"step": step + 1, "train_loss": sum(recent) / len(recent), "cpu_s": train_cpu,
                           "wall_s": train_time, **metrics})
             wall_start, cpu_start = time.perf_counter(), time.process_time()
+        due = checkpoint is not None and time.perf_counter() - last_save >= checkpoint.every_s
+        if due and step + 1 < steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - wall_start  # the clocks stop while the state is written
+            train_cpu += time.process_time() - cpu_start
+            save(step + 1)
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
+            last_save = wall_start
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_time += time.perf_counter() - wall_start
@@ -399,4 +503,7 @@ def train_and_evaluate(
         "num_train": len(train),
         "num_validation": 0 if validation is None else len(validation),
         "amp_used": "bf16" if use_amp else "none",
+        "resumed_from_step": first_step,
+        "earlier_wall_s": earlier_wall,
+        "earlier_cpu_s": earlier_cpu,
     }
