@@ -726,9 +726,14 @@ def test_a_checkpoint_of_another_run_is_ignored_with_a_message(tmp_path, monkeyp
     assert "cannot be read" in capsys.readouterr().err
 
 
-def test_checkpoint_interval_must_not_be_negative(tmp_path):
+def test_checkpoint_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="every_s"):
         train_module.Checkpoint(tmp_path / "run.pt", every_s=-1.0)
+    with pytest.raises(ValueError, match="identity: expected JSON values"):
+        train_module.Checkpoint(tmp_path / "run.pt", identity={"device": torch.device("cpu")})
+    # torch.__version__ is a str subclass that a weights-only load refuses: kept as a plain str
+    identity = train_module.Checkpoint(tmp_path / "run.pt", identity={"torch": torch.__version__}).identity
+    assert type(identity["torch"]) is str and identity == {"torch": str(torch.__version__)}
 
 
 def test_the_runner_resumes_a_killed_run_from_its_checkpoint(tmp_path, monkeypatch):
@@ -749,8 +754,21 @@ def test_the_runner_resumes_a_killed_run_from_its_checkpoint(tmp_path, monkeypat
     assert len(first) == 1
     key = grid.build_grid("micro", seeds=seeds)[1].key
     assert runner.checkpoint_file(out, key).is_file() and len(list(runner.checkpoint_folder(out).iterdir())) == 1
+    trained = []  # what train_and_evaluate returned in the resumed call
+    real_train = train_module.train_and_evaluate
+
+    def spy(*args, **kwargs):
+        trained.append(real_train(*args, **kwargs))
+        return trained[-1]
+
+    monkeypatch.setattr(train_module, "train_and_evaluate", spy)
     counts = runner.run_grid("micro", out, seeds=seeds, progress=False, checkpoint_every=0.0)
+    monkeypatch.undo()
     assert counts["skipped"] == 1 and counts["trained"] == counts["grid"] - 1
+    # the killed run went on from its save after step 1 (the runner's identity, torch version
+    # included, reads back), the others started afresh
+    assert [result["resumed_from_step"] for result in trained] == [1] + [0] * (counts["grid"] - 2)
+    assert trained[0]["earlier_cpu_s"] > 0
     assert list(runner.checkpoint_folder(out).iterdir()) == []
     resumed, reference = records.read_records(out), records.read_records(whole)
     assert [r["key"] for r in resumed] == [r["key"] for r in reference]

@@ -9,6 +9,7 @@ once, after the last step. Nothing is ever selected on the test split.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -323,6 +324,11 @@ class Checkpoint:
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
+        # plain JSON values, which a weights-only load reads back (torch.__version__ is a str subclass it refuses)
+        try:
+            object.__setattr__(self, "identity", json.loads(json.dumps(self.identity)))
+        except TypeError as error:
+            raise ValueError(f"identity: expected JSON values (str, int, float, bool, None, list, dict): {error}") from None
         if not self.every_s >= 0:
             raise ValueError(f"every_s: expected a non-negative number of seconds, got {self.every_s!r}")
 
