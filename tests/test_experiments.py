@@ -779,6 +779,31 @@ def test_the_runner_resumes_a_killed_run_from_its_checkpoint(tmp_path, monkeypat
     assert resumed[1]["run_cpu_s"] >= resumed[1]["train_cpu_s"] > 0
 
 
+def test_runs_with_a_saved_state_are_trained_first(tmp_path, monkeypatch):
+    from deform_attn.experiments import runner
+
+    out = tmp_path / "r.jsonl"
+    _die_after_saves(monkeypatch, 2 + 1)  # killed in the second run, after its first step
+    with pytest.raises(_Killed):
+        runner.run_grid("micro", out, seeds=[0], progress=False, checkpoint_every=0.0)
+    monkeypatch.undo()
+    out.write_text("")  # forget the first run: it is to train again, after the killed one
+    first_steps = []
+    real_train = train_module.train_and_evaluate
+
+    def spy(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        first_steps.append(result["resumed_from_step"])
+        return result
+
+    monkeypatch.setattr(train_module, "train_and_evaluate", spy)
+    runner.run_grid("micro", out, seeds=[0], progress=False, checkpoint_every=0.0)
+    order = [record["key"] for record in records.read_records(out)]
+    expected = [run.key for run in grid.build_grid("micro", seeds=[0])]
+    assert order == [expected[1], expected[0], *expected[2:]]
+    assert first_steps == [1] + [0] * (len(expected) - 1)
+
+
 def test_worker_processes_get_the_checkpoint_setting(tmp_path, monkeypatch):
     from deform_attn.experiments import runner
 

@@ -101,9 +101,10 @@ def run_grid(
         checkpoint_every: wall seconds between saves of the training state of the run in
             progress, in :func:`checkpoint_folder` (``None``: no saves). A run killed part-way
             goes on from its last save in the next call, if that call has the same commit, torch
-            and device, and ends as it would have uninterrupted; its record's ``run_wall_s``,
-            ``run_cpu_s``, ``train_time_s`` and ``train_cpu_s`` add the time the earlier processes
-            spent up to that save. The file is removed once the record is written.
+            and device (such runs are trained first), and ends as it would have uninterrupted;
+            its record's ``run_wall_s``, ``run_cpu_s``, ``train_time_s`` and ``train_cpu_s`` add
+            the time the earlier processes spent up to that save. The file is removed once the
+            record is written.
 
     Returns:
         Counts: ``grid``, ``skipped``, ``trained``, ``left`` and ``non_finite`` runs.
@@ -121,6 +122,8 @@ def run_grid(
     target = resolve_device(device)
     done = {record["key"] for record in check_resumable(output) if "key" in record}
     todo = [run for run in runs if run.key not in done]
+    if checkpoint_every is not None:  # runs stopped part-way go on first, so their saved steps are not left waiting
+        todo.sort(key=lambda run: not checkpoint_file(output, run.key).is_file())
     provenance = provenance_environment(target)
     environment = {name: provenance[name] for name in ENVIRONMENT_FIELDS}
     iterator: Any = todo
