@@ -258,6 +258,30 @@ def test_published_records_are_consistent_with_their_own_configs():
             assert parsed.key == f"{parsed.task}/{parsed.variant}/{parsed.config_hash}/{parsed.seed}"
 
 
+GRID_STATE = ROOT / "grid_state"
+
+
+@pytest.mark.parametrize("path", sorted(GRID_STATE.glob("*/*.pt")), ids=lambda path: path.name)
+def test_kept_training_state_is_of_an_unfinished_run_and_listed(path):
+    """A run's training state kept in grid_state/<preset>/ belongs to a run of that preset that is
+    not published yet, under the name the runner looks for, from a clean commit, part-way through,
+    and grid_state/README.md lists it with that commit."""
+    from deform_attn.experiments import runner
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    identity = state["identity"]
+    runs = {run.key: run for run in grid.build_grid(path.parent.name)}
+    assert identity["key"] in runs and runs[identity["key"]].config_hash == identity["config_hash"]
+    assert path.name == runner.checkpoint_file(Path("results.jsonl"), identity["key"]).name
+    assert not provenance.is_dirty_commit(identity["git_commit"])
+    assert 0 < state["step"] < runs[identity["key"]].train.steps
+    published = {record["key"] for preset in results.published_presets()
+                 for record in results.load_published(preset)[0]}
+    assert identity["key"] not in published, "finished and published: remove its state"
+    listing = (GRID_STATE / "README.md").read_text()
+    assert any(identity["key"] in line and identity["git_commit"] in line for line in listing.splitlines())
+
+
 # ---------------------------------------------------------------------------- the <= 0.0.18 bug
 
 
@@ -591,7 +615,9 @@ def test_gpu_preset_is_the_micro_gpu_grid_scaled_up_and_runs_on_the_cpu(tmp_path
     assert {r["amp"] for r in written} == {"none"} and {r["sequence_length"] for r in written} == {40, 160}
 
 
-def test_worker_processes_get_the_time_limit(tmp_path, monkeypatch):
+@pytest.fixture
+def worker_commands(monkeypatch):
+    """The command lines of the worker processes ``run --jobs`` starts (none is started)."""
     from deform_attn.experiments import runner
 
     started = []
@@ -604,6 +630,13 @@ def test_worker_processes_get_the_time_limit(tmp_path, monkeypatch):
             return 0
 
     monkeypatch.setattr(runner.subprocess, "Popen", Worker)
+    return started
+
+
+def test_worker_processes_get_the_time_limit(tmp_path, worker_commands):
+    from deform_attn.experiments import runner
+
+    started = worker_commands
     assert runner.main(["run", "--preset", "micro", "--jobs", "2", "--time-limit", "240",
                         "--out", str(tmp_path / "r.jsonl")]) == 0
     assert len(started) == 2
@@ -804,19 +837,10 @@ def test_runs_with_a_saved_state_are_trained_first(tmp_path, monkeypatch):
     assert first_steps == [1] + [0] * (len(expected) - 1)
 
 
-def test_worker_processes_get_the_checkpoint_setting(tmp_path, monkeypatch):
+def test_worker_processes_get_the_checkpoint_setting(tmp_path, worker_commands):
     from deform_attn.experiments import runner
 
-    started = []
-
-    class Worker:
-        def __init__(self, command):
-            started.append(command)
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(runner.subprocess, "Popen", Worker)
+    started = worker_commands
     out = str(tmp_path / "r.jsonl")
     assert runner.main(["run", "--preset", "micro", "--jobs", "2", "--checkpoint-every", "30", "--out", out]) == 0
     assert all(command[command.index("--checkpoint-every") + 1] == "30.0" for command in started)
