@@ -702,6 +702,18 @@ def _die_after_saves(monkeypatch, count):
     return saves
 
 
+def _spy_on_training(monkeypatch):
+    """The results train_and_evaluate returns from here on, in order."""
+    returned, real_train = [], train_module.train_and_evaluate
+
+    def spy(*args, **kwargs):
+        returned.append(real_train(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(train_module, "train_and_evaluate", spy)
+    return returned
+
+
 def _trained_alike(a, b):
     """Same metrics, validation, learning curve (less its clocks) and per-example test outcomes."""
     untimed = [[{k: v for k, v in point.items() if k not in ("cpu_s", "wall_s")} for point in r["learning_curve"]]
@@ -787,14 +799,7 @@ def test_the_runner_resumes_a_killed_run_from_its_checkpoint(tmp_path, monkeypat
     assert len(first) == 1
     key = grid.build_grid("micro", seeds=seeds)[1].key
     assert runner.checkpoint_file(out, key).is_file() and len(list(runner.checkpoint_folder(out).iterdir())) == 1
-    trained = []  # what train_and_evaluate returned in the resumed call
-    real_train = train_module.train_and_evaluate
-
-    def spy(*args, **kwargs):
-        trained.append(real_train(*args, **kwargs))
-        return trained[-1]
-
-    monkeypatch.setattr(train_module, "train_and_evaluate", spy)
+    trained = _spy_on_training(monkeypatch)  # what train_and_evaluate returned in the resumed call
     counts = runner.run_grid("micro", out, seeds=seeds, progress=False, checkpoint_every=0.0)
     monkeypatch.undo()
     assert counts["skipped"] == 1 and counts["trained"] == counts["grid"] - 1
@@ -821,16 +826,9 @@ def test_runs_with_a_saved_state_are_trained_first(tmp_path, monkeypatch):
         runner.run_grid("micro", out, seeds=[0], progress=False, checkpoint_every=0.0)
     monkeypatch.undo()
     out.write_text("")  # forget the first run: it is to train again, after the killed one
-    first_steps = []
-    real_train = train_module.train_and_evaluate
-
-    def spy(*args, **kwargs):
-        result = real_train(*args, **kwargs)
-        first_steps.append(result["resumed_from_step"])
-        return result
-
-    monkeypatch.setattr(train_module, "train_and_evaluate", spy)
+    trained = _spy_on_training(monkeypatch)
     runner.run_grid("micro", out, seeds=[0], progress=False, checkpoint_every=0.0)
+    first_steps = [result["resumed_from_step"] for result in trained]
     order = [record["key"] for record in records.read_records(out)]
     expected = [run.key for run in grid.build_grid("micro", seeds=[0])]
     assert order == [expected[1], expected[0], *expected[2:]]

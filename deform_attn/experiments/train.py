@@ -328,7 +328,9 @@ class Checkpoint:
         try:
             object.__setattr__(self, "identity", json.loads(json.dumps(self.identity)))
         except TypeError as error:
-            raise ValueError(f"identity: expected JSON values (str, int, float, bool, None, list, dict): {error}") from None
+            raise ValueError(
+                f"identity: expected JSON values (str, int, float, bool, None, list, dict): {error}"
+            ) from None
         if not self.every_s >= 0:
             raise ValueError(f"every_s: expected a non-negative number of seconds, got {self.every_s!r}")
 
@@ -401,7 +403,8 @@ def train_and_evaluate(
     model.train()
     saved = _load_checkpoint(checkpoint)
     if saved is None:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # counting draws no randomness of the run
+        # counting draws no randomness of the run
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             train_flops = _training_flops(model, data, train, train_config, device, autocast)
         first_step, earlier_wall, earlier_cpu = 0, 0.0, 0.0
     else:
@@ -464,25 +467,24 @@ def train_and_evaluate(
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
-        if step + 1 in curve_steps:  # the clocks stop while the validation fold is evaluated
+        evaluate_now = step + 1 in curve_steps
+        save_now = (checkpoint is not None and step + 1 < steps
+                    and time.perf_counter() - last_save >= checkpoint.every_s)
+        if evaluate_now or save_now:  # the clocks stop while validating or writing the state
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_time += time.perf_counter() - wall_start
             train_cpu += time.process_time() - cpu_start
-            metrics, _ = evaluate(model, data, validation, train_config, device, autocast, prefix="validation")
-            recent = losses[-max(1, steps // max(points, 1)) :]
-            curve.append({"step": step + 1, "train_loss": sum(recent) / len(recent), "cpu_s": train_cpu,
-                          "wall_s": train_time, **metrics})
+            if evaluate_now:
+                metrics, _ = evaluate(model, data, validation, train_config, device, autocast, prefix="validation")
+                recent = losses[-max(1, steps // max(points, 1)) :]
+                curve.append({"step": step + 1, "train_loss": sum(recent) / len(recent), "cpu_s": train_cpu,
+                              "wall_s": train_time, **metrics})
+            if save_now:
+                save(step + 1)
             wall_start, cpu_start = time.perf_counter(), time.process_time()
-        due = checkpoint is not None and time.perf_counter() - last_save >= checkpoint.every_s
-        if due and step + 1 < steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_time += time.perf_counter() - wall_start  # the clocks stop while the state is written
-            train_cpu += time.process_time() - cpu_start
-            save(step + 1)
-            wall_start, cpu_start = time.perf_counter(), time.process_time()
-            last_save = wall_start
+            if save_now:
+                last_save = wall_start
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_time += time.perf_counter() - wall_start
