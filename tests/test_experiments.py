@@ -282,6 +282,66 @@ def test_kept_training_state_is_of_an_unfinished_run_and_listed(path):
     assert any(identity["key"] in line and identity["git_commit"] in line for line in listing.splitlines())
 
 
+def _grid_state_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grid_state", ROOT / "scripts" / "grid_state.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_grid_state_readme_is_written_from_the_kept_files():
+    script = _grid_state_script()
+    text = (GRID_STATE / "README.md").read_text()
+    assert script.render(text) == text, "run python scripts/grid_state.py prune"
+    assert script.main(["--check"]) == 0
+
+
+def test_grid_state_keeps_only_unfinished_clean_unpublished_runs_of_the_grid(tmp_path):
+    script = _grid_state_script()
+    from deform_attn.experiments import runner
+
+    run, published_run = grid.build_grid("cpu")[:2]
+    clean = "0" * 40
+
+    def save(folder, name, key, step, commit=clean, config_hash=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        identity = {"key": key, "config_hash": config_hash or key.split("/")[2], "git_commit": commit,
+                    "torch": "2.13.0+cpu", "device": "cpu"}
+        torch.save({"identity": identity, "step": step}, folder / name)
+
+    source, root = tmp_path / "checkpoints", tmp_path / "grid_state"
+    name = runner.checkpoint_file(Path("r"), run.key).name
+    save(source, name, run.key, 5)
+    save(source, "published.pt", published_run.key, 5)
+    save(source, "dirty.pt", run.key, 5, commit=clean + "-dirty")
+    save(source, "not_started.pt", run.key, 0)
+    save(source, "finished.pt", run.key, run.train.steps)
+    save(source, "foreign.pt", "adding/full/000000000000/0", 5, config_hash="000000000000")
+    done = script.keep(source, "cpu", root, published={published_run.key})
+    assert sorted(path.name for path in root.glob("*/*.pt")) == [name]
+    assert [line for line in done if line.startswith("kept")] == [f"kept {name} at step 5"]
+    reasons = " ".join(done)
+    for reason in ["published", "uncommitted", "part-way", "not a run of the 'cpu' grid"]:
+        assert reason in reasons
+
+    block = script.states_block(root)
+    assert f"| cpu | `{run.key}` | 5 of {run.train.steps} | {clean} |" in block
+    assert f"git worktree add --detach ../deform-attn-grid-0000000 {clean}" in block
+
+    save(source, name, run.key, 3)  # an earlier state never replaces a later one
+    script.keep(source, "cpu", root, published={published_run.key})
+    assert script.read_state(root / "cpu" / name)["step"] == 5
+    save(source, name, run.key, 7)
+    script.keep(source, "cpu", root, published={published_run.key})
+    assert script.read_state(root / "cpu" / name)["step"] == 7
+
+    assert script.prune(root, published={run.key}) == [f"removed cpu/{name}: published"]
+    assert not (root / "cpu").exists()
+    assert script.states_block(root).startswith("No run is unfinished")
+
+
 # ---------------------------------------------------------------------------- the <= 0.0.18 bug
 
 
