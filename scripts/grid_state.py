@@ -126,7 +126,7 @@ def states_block(root: Path = GRID_STATE) -> str:
             (identity["key"], state["step"], steps, identity["torch"], identity["device"])
         )
     if not kept:
-        return "No run is unfinished: every run the grid has started is published.\n"
+        return "No training state is kept: the runs still to train start from their first step.\n"
     lines = [
         "| preset | run | steps trained | commit | torch | device |",
         "| --- | --- | --- | --- | --- | --- |",

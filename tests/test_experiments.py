@@ -339,7 +339,7 @@ def test_grid_state_keeps_only_unfinished_clean_unpublished_runs_of_the_grid(tmp
 
     assert script.prune(root, published={run.key}) == [f"removed cpu/{name}: published"]
     assert not (root / "cpu").exists()
-    assert script.states_block(root).startswith("No run is unfinished")
+    assert script.states_block(root).startswith("No training state is kept")
 
 
 # ---------------------------------------------------------------------------- the <= 0.0.18 bug
