@@ -89,8 +89,9 @@ def keep(source: Path, preset: str, root: Path = GRID_STATE, published: set[str]
         reason = why_not_kept(state, preset, published)
         if reason is None:
             kept = target / runner.checkpoint_file(Path("results.jsonl"), state["identity"]["key"]).name
-            if kept.exists() and read_state(kept)["step"] >= state["step"]:
-                reason = f"the kept state trained as far or further ({read_state(kept)['step']})"
+            kept_step = read_state(kept)["step"] if kept.exists() else -1
+            if kept_step >= state["step"]:
+                reason = f"the kept state trained as far or further ({kept_step})"
         if reason is not None:
             done.append(f"skipped {path.name}: {reason}")
             continue
@@ -142,9 +143,10 @@ def states_block(root: Path = GRID_STATE) -> str:
         files = " ".join(f"grid_state/{preset}/" + runner.checkpoint_file(Path("r"), key).name for key, *_ in rows)
         commands = [f"git worktree add --detach {worktree} {commit}", f"mkdir -p {folder}",
                     f"cp {files} \\", f"    {folder}/"]
-        if published_data(preset) is not None:  # the runner skips the runs already published
+        published = published_data(preset)
+        if published is not None:  # the runner skips the runs already published
             commands += [f"python -m deform_attn.experiments merge {worktree}/results/{preset}/results.jsonl \\",
-                         f"    {published_data(preset)}"]
+                         f"    {published}"]
         lines += [
             "```bash",
             *commands,

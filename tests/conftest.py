@@ -1,6 +1,6 @@
 """Shared test configuration: the ``slow`` marker, the hypothesis profile, seeds, error measures,
-the one small layer the tests build (:func:`make_layer`), and the package's wheel that the Colab-like
-tests install (``package_wheel``).
+the one small layer the tests build (:func:`make_layer`), the package's wheel that the Colab-like
+tests install (``package_wheel``), and :func:`load_script` for the repository's scripts.
 
 Tests marked ``slow`` (cold ``torch.compile`` with inductor takes over a minute on a 2-core CPU)
 are skipped unless ``--runslow`` is given or ``DEFORM_ATTN_RUN_SLOW=1`` is set.
@@ -8,6 +8,7 @@ are skipped unless ``--runslow`` is given or ``DEFORM_ATTN_RUN_SLOW=1`` is set.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -87,6 +88,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_script(path: Path):
+    """Import a file of the repository that is not part of the package (scripts/, book/_ext/)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

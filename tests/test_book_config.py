@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import datetime
-import importlib.util
 from pathlib import Path
 
 import yaml
+from conftest import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _build_year_module():
-    spec = importlib.util.spec_from_file_location("build_year", REPO_ROOT / "book" / "_ext" / "build_year.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "book" / "_ext" / "build_year.py")
 
 
 def test_the_footer_year_is_the_build_year():

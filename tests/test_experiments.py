@@ -283,12 +283,9 @@ def test_kept_training_state_is_of_an_unfinished_run_and_listed(path):
 
 
 def _grid_state_script():
-    import importlib.util
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("grid_state", ROOT / "scripts" / "grid_state.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_script(ROOT / "scripts" / "grid_state.py")
 
 
 def test_grid_state_readme_is_written_from_the_kept_files():

@@ -263,11 +263,9 @@ def test_markdown_has_no_control_characters(path):
 def test_chapter_headers_come_from_the_data():
     """Each chapter opens with its place in the layer, its prerequisites and its measured run time,
     written by scripts/chapter_headers.py from deform_attn.diagram and notebooks/run_times.json."""
-    import importlib.util
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("chapter_headers", REPO_ROOT / "scripts" / "chapter_headers.py")
-    headers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(headers)
+    headers = load_script(REPO_ROOT / "scripts" / "chapter_headers.py")
     run_times = headers.load_run_times()
     stems = sorted(path.stem for path in (REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     assert sorted(headers.PREREQUISITES) == stems

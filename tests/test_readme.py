@@ -1,16 +1,14 @@
 """The README's measured numbers are written from the committed results (scripts/readme_results.py)."""
 
-import importlib.util
 from pathlib import Path
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "scripts" / "readme_results.py")
 
 
 def test_generated_blocks_match_the_data():
