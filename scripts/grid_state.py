@@ -127,7 +127,7 @@ def states_block(root: Path = GRID_STATE) -> str:
             (identity["key"], state["step"], steps, identity["torch"], identity["device"])
         )
     if not kept:
-        return "No training state is kept: the runs still to train start from their first step.\n"
+        return "No training state is kept: any run still to train starts from its first step.\n"
     lines = [
         "| preset | run | steps trained | commit | torch | device |",
         "| --- | --- | --- | --- | --- | --- |",
