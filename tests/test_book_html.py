@@ -386,7 +386,7 @@ def test_page_in_browser(entry, rendered, html_dir):
 
 @pytest.mark.parametrize("entry", PAGES)
 def test_nothing_is_wider_than_the_page(entry, rendered):
-    """Code, output, equations and tables fit the text column at the 1280-pixel window: nothing
+    """Code, output, equations and tables fit the text column at the 1440-pixel window: nothing
     scrolls sideways or is clipped."""
     report, _, _ = rendered(entry)
     wide = [
