@@ -95,6 +95,17 @@ def test_a_worse_variant_is_called_worse_for_either_direction():
     assert report.verdict({**row, "mean": -0.05, "higher_is_better": True}) == "worse"
 
 
+def test_tally_counts_wins_losses_and_means_in_the_first_variants_favour():
+    rows = [
+        {"verdict": "better", "mean": 0.1, "higher_is_better": True},
+        {"verdict": "no significant difference", "mean": 0.02, "higher_is_better": True},
+        {"verdict": "worse", "mean": 0.01, "higher_is_better": False},  # an MSE that grew
+        {"verdict": "no significant difference", "mean": -0.03, "higher_is_better": True},
+    ]
+    assert report.tally(rows) == {"n": 4, "wins": 1, "losses": 1, "ahead": 2}
+    assert report.tally([]) == {"n": 0, "wins": 0, "losses": 0, "ahead": 0}
+
+
 def test_variant_table_takes_each_seeds_own_baseline():
     runs = [run for run in grid.build_grid("micro") if run.variant == "full"]
     records = [_record(run, 0.2, baseline=b) for run, b in zip(runs, (0.6, 0.4))]

@@ -320,6 +320,19 @@ def verdict(row: dict[str, Any]) -> str:
     return "better" if (row["mean"] > 0) == row["higher_is_better"] else "worse"
 
 
+def tally(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """How a set of contrast rows came out for their first variant: ``n`` rows, ``wins`` and
+    ``losses`` (significant after the correction), ``ahead`` (the mean favours it, significant or
+    not)."""
+    rows = list(rows)
+    return {
+        "n": len(rows),
+        "wins": sum(row["verdict"] == "better" for row in rows),
+        "losses": sum(row["verdict"] == "worse" for row in rows),
+        "ahead": sum((row["mean"] > 0) == row["higher_is_better"] for row in rows),
+    }
+
+
 def compute_table(records: Iterable[RecordLike]) -> list[dict[str, Any]]:
     """The compute-matched runs: per task, variant and budget, the mean FLOPs and test metric.
 
